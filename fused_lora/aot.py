@@ -1,0 +1,249 @@
+"""Ahead-of-time compilation of every shipped kernel configuration for real GPU targets, without a GPU.
+
+The Triton interpreter is lenient (it accepts dtype mixes the compiler rejects, never runs out of registers or
+shared memory). This module compiles each kernel exactly as a real launch would -- the launch wrappers run on CPU
+tensors in *capture* mode, so the arguments, strides, dtypes and constexpr flags are the real ones, and Triton's own
+argument specialisation (16-byte alignment, unit strides) is applied for the chosen target -- for every shipped
+configuration, for sm_80 and sm_90, and reads the result back:
+
+* registers, stack and local memory per thread from ``cuobjdump --dump-resource-usage`` (STACK or LOCAL > 0 means
+  spills), shared memory from the compiled metadata (checked against the target's per-block limit);
+* tensor-core instructions counted in the PTX (``mma.sync`` on sm_80, ``wgmma`` or ``mma.sync`` on sm_90).
+
+Run ``python -m fused_lora.aot`` (TRITON_INTERPRET must be unset: interpreted kernels cannot be compiled).
+The launch-argument capture uses Triton's own binder (``create_function_from_signature`` and
+``JITFunction._pack_args``): checked against Triton 3.9, the version pinned for CPU set-ups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+TARGETS = (80, 90)
+# Largest dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+SHARED_LIMIT = {80: 166912, 90: 232448}
+
+
+@dataclass
+class Capture:
+    """One kernel launch as the wrapper would issue it."""
+
+    launcher: str
+    variant: str
+    dtype: str
+    args: dict
+
+
+@dataclass
+class CompileResult:
+    kernel: str
+    variant: str
+    config: str
+    target: int
+    num_warps: int
+    num_stages: int
+    registers: int
+    stack: int
+    local: int
+    shared: int
+    shared_limit: int
+    mma_sync: int
+    wgmma: int
+    needs_tensor_cores: bool  # the kernel has a tl.dot on 16-bit or tf32 operands
+    error: Optional[str] = None
+
+    @property
+    def spills(self) -> bool:
+        return self.stack > 0 or self.local > 0
+
+    @property
+    def ok(self) -> bool:
+        tensor_cores = self.mma_sync + self.wgmma > 0 or not self.needs_tensor_cores
+        return self.error is None and not self.spills and self.shared <= self.shared_limit and tensor_cores
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"cuobjdump not found in the triton wheel at {path}")
+    return path
+
+
+def resource_usage(cubin: bytes) -> Dict[str, int]:
+    """REG / STACK / SHARED / LOCAL of the single kernel in a cubin, from cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    if "REG" not in fields:
+        raise RuntimeError(f"could not read resource usage from cuobjdump output:\n{out}")
+    return {k: int(v) for k, v in fields.items()}
+
+
+def _example_problems():
+    """Representative launches: the heaviest variant of every kernel (dropout, bias, every gradient, the largest
+    rank tile), in each dtype family, with the atomic and the deterministic dB reduction."""
+    M, K, N, R = 4096, 4096, 4096, 64
+    for dtype in (torch.bfloat16, torch.float32):
+        for deterministic in (False, True):
+            yield dtype, deterministic, (M, K, N, R)
+
+
+def capture_launches() -> List[Capture]:
+    """Run the launch wrappers on CPU tensors with every Launcher in capture mode; return what they would launch."""
+    from fused_lora.dropout import Dropout
+    from fused_lora.kernels import lora
+    from fused_lora.kernels._launch import Launcher
+
+    captured: List[Capture] = []
+    seen = set()
+    for dtype, deterministic, (M, K, N, R) in _example_problems():
+        x = torch.empty(M, K, dtype=dtype)
+        w = torch.empty(N, K, dtype=dtype)
+        a = torch.empty(R, K, dtype=dtype)
+        b = torch.empty(N, R, dtype=dtype)
+        bias = torch.empty(N, dtype=dtype)
+        g = torch.empty(M, N, dtype=dtype)
+        xa = torch.empty(M, R, dtype=dtype)
+        dropout = Dropout(0.1, 0)
+        variant = "deterministic" if deterministic else "default"
+
+        def record(self, grid, family, cfg=None, **args):
+            key = (self.name, variant, dtype)
+            if key not in seen:
+                seen.add(key)
+                captured.append(Capture(self.name, variant, str(dtype).replace("torch.", ""), args))
+
+        original_call, original_det = Launcher.__call__, torch.are_deterministic_algorithms_enabled()
+        Launcher.__call__ = record
+        try:
+            torch.use_deterministic_algorithms(deterministic)
+            lora.lora_forward(x, w, a, b, bias, 2.0, dropout)
+            lora.lora_backward(g, x, w, a, b, xa, 2.0, dropout, (True, False, True, True, True))
+        finally:
+            Launcher.__call__ = original_call
+            torch.use_deterministic_algorithms(original_det)
+    # The atomic and deterministic variants differ only in the grad-out kernel.
+    return [c for c in captured if c.variant == "default" or c.launcher == "_lora_grad_out_kernel"]
+
+
+def _launcher_by_name(name: str):
+    from fused_lora.kernels import lora
+
+    for launcher in lora.LAUNCHERS:
+        if launcher.name == name:
+            return launcher
+    raise KeyError(name)
+
+
+def compile_launch(capture: Capture, family: str, cfg, target_arch: int) -> CompileResult:
+    """Compile one captured launch with configuration ``cfg`` for ``sm_<target_arch>`` and read its resources."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    launcher = _launcher_by_name(capture.launcher)
+    kernel = launcher.kernel
+    args = dict(capture.args)
+    if family != "half":  # fp32 launches compile once per matmul precision
+        args["INPUT_PRECISION"] = {"ieee": "ieee", "tf32": "tf32", "tf32x3": "tf32x3"}[family]
+    cfg_name = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+    target = GPUTarget("cuda", target_arch, 32)
+    base = dict(kernel=capture.launcher, variant=f"{capture.dtype}/{capture.variant}/{family}", config=cfg_name,
+                target=target_arch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                shared_limit=SHARED_LIMIT[target_arch],
+                needs_tensor_cores="tl.dot(" in kernel.src and family in ("half", "tf32", "tf32x3"))
+    try:
+        backend = make_backend(target)
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        kwargs = {**args, **cfg.all_kwargs()}
+        bound_args, specialization, options = binder(**kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+        compiled = compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+        usage = resource_usage(compiled.asm["cubin"])
+        ptx = compiled.asm["ptx"]
+        return CompileResult(
+            **base, registers=usage["REG"], stack=usage.get("STACK", 0), local=usage.get("LOCAL", 0),
+            shared=int(compiled.metadata.shared), mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
+            wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+        )
+    except Exception as exc:  # reported, and fails the check
+        return CompileResult(**base, registers=0, stack=0, local=0, shared=0, mma_sync=0, wgmma=0,
+                             error=f"{type(exc).__name__}: {exc}"[:2000])
+
+
+def _compile_job(job) -> CompileResult:
+    capture, family, cfg_index, target = job
+    return compile_launch(capture, family, _launcher_by_name(capture.launcher).configs[family][cfg_index], target)
+
+
+def jobs() -> List[Tuple]:
+    """(capture, family, configuration index, target) for every shipped configuration."""
+    out = []
+    for capture in capture_launches():
+        launcher = _launcher_by_name(capture.launcher)
+        families = ("half",) if capture.dtype != "float32" else ("tf32", "ieee")
+        for family in families:
+            for cfg_index in range(len(launcher.configs[family])):
+                for target in TARGETS:
+                    out.append((capture, family, cfg_index, target))
+    return out
+
+
+def compile_all(workers: Optional[int] = None) -> List[CompileResult]:
+    """Compile every (kernel, configuration, variant, target); in parallel processes."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("fused_lora.aot needs TRITON_INTERPRET unset: interpreted kernels cannot be compiled")
+    todo = jobs()
+    workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
+    if workers == 1:
+        return [_compile_job(j) for j in todo]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(_compile_job, todo, chunksize=2))
+
+
+def format_table(results: List[CompileResult]) -> str:
+    head = ("kernel", "variant", "config", "warps", "stages", "sm", "regs", "stack", "local", "smem KiB", "mma",
+            "wgmma", "ok")
+    rows = [head]
+    for r in results:
+        rows.append((r.kernel.strip("_"), r.variant, r.config, str(r.num_warps), str(r.num_stages), str(r.target),
+                     str(r.registers), str(r.stack), str(r.local), f"{r.shared / 1024:.1f}", str(r.mma_sync),
+                     str(r.wgmma), "yes" if r.ok else ("ERROR " + r.error if r.error else "NO")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the results as JSON to this path")
+    parser.add_argument("--workers", type=int, default=None)
+    ns = parser.parse_args(argv)
+    results = compile_all(ns.workers)
+    print(format_table(results))
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump([dict(asdict(r), spills=r.spills, ok=r.ok) for r in results], f, indent=1)
+    bad = [r for r in results if not r.ok]
+    print(f"\n{len(results)} compilations, {len(bad)} failing (errors, spills, shared memory over the limit, or a "
+          "tl.dot without tensor-core instructions)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The functional API, ``fused_lora_linear``, and the autograd Function behind it."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from . import torch_ops
+from ._backend import resolve_backend
+from .dropout import Dropout, draw_seed
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _ops_for(device: torch.device, dtype: torch.dtype, empty: bool):
+    """The module implementing ``lora_forward`` / ``lora_backward`` for this call."""
+    backend = resolve_backend(device)
+    if backend == "torch" or empty:
+        # Empty problems have exact, trivial results (empty outputs, zero gradients): no kernel launch needed.
+        return torch_ops
+    if dtype == torch.float64:
+        raise TypeError(
+            "the Triton backend computes in float32/float16/bfloat16, got float64 tensors; "
+            "use set_backend('torch') (or use_backend('torch')) for float64"
+        )
+    from . import kernels
+
+    return kernels
+
+
+class FusedLoraFunction(torch.autograd.Function):
+    r"""Autograd Function of the fused LoRA linear on 2-D inputs.
+
+    Notation: x ``[M, K]``, frozen W ``[N, K]``, A ``[r, K]``, B ``[N, r]``, bias ``[N]``, ``s = scaling``,
+    keep-probability ``q = 1 - p`` and the dropout mask ``m`` (0/1, ``[M, K]``) so that ``D(x) = (m * x) / q``.
+
+    Forward::
+
+        xa = D(x) A^T                      [M, r]   (saved: r values per row instead of a masked copy of x)
+        y  = x W^T + s xa B^T + bias       [M, N]
+
+    Backward, with ``g = dL/dy`` ``[M, N]``. Writing the forward element-wise,
+    ``y[i,n] = sum_k x[i,k] W[n,k] + s sum_j B[n,j] sum_k (m[i,k] x[i,k] / q) A[j,k] + bias[n]``, so:
+
+    * ``dL/dB[n,j] = s sum_i g[i,n] xa[i,j]``                        ->  ``dB = s g^T xa``            ``[N, r]``
+    * define ``gb = g B`` ``[M, r]``: ``dL/dxa[i,j] = s gb[i,j]``, and through ``xa = D(x) A^T``:
+      ``dL/dA[j,k] = s sum_i gb[i,j] D(x)[i,k]``                     ->  ``dA = s gb^T D(x)``         ``[r, K]``
+    * x reaches y twice (base term and LoRA term; the mask is a constant of the seed):
+      ``dL/dx[i,k] = sum_n g[i,n] W[n,k] + (s / q) m[i,k] sum_j gb[i,j] A[j,k]``
+                                                                     ->  ``dx = g W + s D(gb A)``     ``[M, K]``
+      (``D`` applied to ``gb A`` uses the same mask and the same ``1/q``: dropout is linear and its own adjoint)
+    * ``dbias = sum_i g[i, :]`` and ``dW = g^T x``, computed only when bias / W require grad (W is frozen in LoRA,
+      but a gradient the user asked for is never dropped).
+
+    Saved for backward: x, W, A, B, xa and the seed -- nothing else of size ``M x K``; the mask is regenerated from
+    the seed in backward. ``g`` is read once for both ``gb`` and ``dB`` (and ``dbias``) by the kernels.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout, ops):
+        y, xa = ops.lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa)
+        ctx.scaling, ctx.dropout, ctx.ops = scaling, dropout, ops
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, lora_A, lora_B, xa = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:5])
+        with torch.autocast(grad_out.device.type, enabled=False):
+            grads = ctx.ops.lora_backward(grad_out, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout, needs)
+        return (*grads, None, None, None)
+
+
+def _check(cond: bool, exc: type, message: str) -> None:
+    if not cond:
+        raise exc(message)
+
+
+def _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p) -> None:
+    names = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        names["bias"] = bias
+    for name, t in names.items():
+        _check(isinstance(t, torch.Tensor), TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check(x.dim() >= 1, ValueError, "x must have shape [..., in_features]; got a 0-dim tensor")
+    _check(weight.dim() == 2, ValueError, f"weight must be 2-D [out_features, in_features], got shape {list(weight.shape)}")
+    out_features, in_features = weight.shape
+    _check(lora_A.dim() == 2, ValueError, f"lora_A must be 2-D [r, in_features], got shape {list(lora_A.shape)}")
+    r = lora_A.shape[0]
+    _check(r >= 1, ValueError, f"LoRA rank r must be >= 1, but lora_A has shape {list(lora_A.shape)}")
+    _check(
+        lora_A.shape[1] == in_features, ValueError,
+        f"lora_A has shape {list(lora_A.shape)} but weight has in_features={in_features}; expected [{r}, {in_features}]",
+    )
+    _check(
+        tuple(lora_B.shape) == (out_features, r), ValueError,
+        f"lora_B has shape {list(lora_B.shape)}; expected [out_features, r] = [{out_features}, {r}]",
+    )
+    _check(
+        x.shape[-1] == in_features, ValueError,
+        f"x has {x.shape[-1]} features in its last dimension (shape {list(x.shape)}) but the layer expects "
+        f"in_features={in_features}",
+    )
+    if bias is not None:
+        _check(tuple(bias.shape) == (out_features,), ValueError,
+               f"bias has shape {list(bias.shape)}; expected [{out_features}]")
+    for name, t in names.items():
+        _check(t.dtype in _SUPPORTED_DTYPES, TypeError,
+               f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16 (float64 on the torch backend)")
+        _check(t.dtype == x.dtype, TypeError,
+               f"dtype mismatch: x is {x.dtype} but {name} is {t.dtype}; x, weight, lora_A, lora_B and bias must share "
+               "one dtype (cast the module with .to(dtype), or run under torch.autocast)")
+        _check(t.device == x.device, ValueError,
+               f"device mismatch: x is on {x.device} but {name} is on {t.device}")
+    _check(isinstance(scaling, numbers.Real) and math.isfinite(scaling), ValueError,
+           f"scaling must be a finite real number, got {scaling!r}")
+    _check(isinstance(dropout_p, numbers.Real) and 0.0 <= dropout_p < 1.0, ValueError,
+           f"dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def fused_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: Optional[int] = None,
+) -> torch.Tensor:
+    """``y = x @ W^T + scaling * (dropout(x) @ A^T) @ B^T + bias`` for x of shape ``[..., in_features]``.
+
+    Args:
+        x: activations ``[..., in_features]``; any strides.
+        weight: the frozen base weight ``[out_features, in_features]``.
+        lora_A: ``[r, in_features]``; lora_B: ``[out_features, r]``.
+        scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA).
+        bias: optional ``[out_features]``.
+        dropout_p: dropout probability on the LoRA branch's input, in [0, 1).
+        training: dropout applies only when True.
+        seed: the dropout mask's seed; drawn from torch's default generator when None. The same seed gives the same
+            mask on every backend and device.
+
+    Returns ``[..., out_features]`` in x's dtype. Gradients flow to every input that requires grad.
+    Under ``torch.autocast`` all floating inputs are cast to the autocast dtype first, as ``nn.Linear`` does.
+    """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        cast = torch.get_autocast_dtype(x.device.type)
+        x, weight, lora_A, lora_B = (t.to(cast) if isinstance(t, torch.Tensor) else t for t in (x, weight, lora_A, lora_B))
+        bias = bias.to(cast) if isinstance(bias, torch.Tensor) else bias
+    _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
+
+    dropout = None
+    if training and dropout_p > 0.0:
+        dropout = Dropout(float(dropout_p), draw_seed() if seed is None else int(seed))
+
+    in_features, out_features = weight.shape[1], weight.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    ops = _ops_for(x.device, x.dtype, empty=x2.numel() == 0 or weight.numel() == 0)
+    with torch.autocast(x.device.type, enabled=False):
+        y = FusedLoraFunction.apply(x2, weight, lora_A, lora_B, bias, float(scaling), dropout, ops)
+    return y.reshape(*lead, out_features)

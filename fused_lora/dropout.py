@@ -65,9 +65,17 @@ def _mix32_(h: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def draw_seed() -> int:
-    """A fresh dropout seed from torch's default (CPU) generator, so ``torch.manual_seed`` controls the masks."""
-    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
+def seed_tensor(seed=None) -> torch.Tensor:
+    """The dropout seed as a 0-dim int64 CPU tensor (how it travels through the custom operators).
+
+    ``None`` draws a fresh seed from torch's default (CPU) generator, so ``torch.manual_seed`` controls the masks
+    and activation checkpointing, which replays the RNG state, regenerates the same mask. An int is stored modulo
+    2**64 (as the int64 with the same bits), which leaves the mask unchanged: only ``seed mod 2**64`` matters.
+    """
+    if seed is None:
+        return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)
+    bits = int(seed) % (1 << 64)
+    return torch.tensor(bits - (1 << 64) if bits >= (1 << 63) else bits, dtype=torch.int64)
 
 
 # Rows hashed per chunk: keeps the int32 scratch buffers small (cache-resident) and every chunk's counter

@@ -4,31 +4,80 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from . import torch_ops
 from ._backend import resolve_backend
-from .dropout import Dropout, draw_seed
+from .dropout import Dropout, seed_tensor
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _ops_for(device: torch.device, dtype: torch.dtype, empty: bool):
-    """The module implementing ``lora_forward`` / ``lora_backward`` for this call."""
-    backend = resolve_backend(device)
-    if backend == "torch" or empty:
+def _select_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """"torch" or "triton" for this call (see fused_lora._backend for the rule)."""
+    backend = resolve_backend(x.device)
+    if backend == "torch" or x.numel() == 0 or weight.numel() == 0:
         # Empty problems have exact, trivial results (empty outputs, zero gradients): no kernel launch needed.
-        return torch_ops
-    if dtype == torch.float64:
+        return "torch"
+    if x.dtype == torch.float64:
         raise TypeError(
             "the Triton backend computes in float32/float16/bfloat16, got float64 tensors; "
             "use set_backend('torch') (or use_backend('torch')) for float64"
         )
+    return "triton"
+
+
+def _implementation(backend: str):
+    """The module implementing ``lora_forward`` / ``lora_backward`` for a backend name."""
+    if backend == "torch":
+        return torch_ops
     from . import kernels
 
     return kernels
+
+
+def _dropout(dropout_p: float, seed: Optional[torch.Tensor]) -> Optional[Dropout]:
+    return None if seed is None else Dropout(dropout_p, int(seed.item()))
+
+
+# The forward and backward are registered as custom operators (with fake implementations for shape propagation),
+# so torch.compile captures a model using them in one graph (fullgraph=True) instead of breaking at the kernels.
+# The dropout seed travels as a 0-dim int64 CPU tensor: drawing it needs no graph break and no device sync.
+
+
+@torch.library.custom_op("fused_lora::lora_linear_forward", mutates_args=())
+def lora_linear_forward(
+    x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, bias: Optional[torch.Tensor],
+    scaling: float, dropout_p: float, seed: Optional[torch.Tensor], backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, xa)`` for 2-D x: ``y = x W^T + scaling * xa B^T + bias`` and ``xa = D(x) A^T``."""
+    return _implementation(backend).lora_forward(x, weight, lora_A, lora_B, bias, scaling, _dropout(dropout_p, seed))
+
+
+@lora_linear_forward.register_fake
+def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
+
+
+@torch.library.custom_op("fused_lora::lora_linear_backward", mutates_args=())
+def lora_linear_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    xa: torch.Tensor, scaling: float, dropout_p: float, seed: Optional[torch.Tensor], backend: str,
+    needs: List[bool],
+) -> List[torch.Tensor]:
+    """``[dx, dW, dA, dB, dbias]``; an entry not flagged in ``needs`` is an empty tensor."""
+    grads = _implementation(backend).lora_backward(
+        grad_out, x, weight, lora_A, lora_B, xa, scaling, _dropout(dropout_p, seed), tuple(needs)
+    )
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@lora_linear_backward.register_fake
+def _(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, backend, needs):
+    shapes = (x.shape, weight.shape, lora_A.shape, lora_B.shape, (weight.shape[0],))
+    return [x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs)]
 
 
 class FusedLoraFunction(torch.autograd.Function):
@@ -60,19 +109,20 @@ class FusedLoraFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout, ops):
-        y, xa = ops.lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xa)
-        ctx.scaling, ctx.dropout, ctx.ops = scaling, dropout, ops
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
+        y, xa = lora_linear_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+        ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, lora_A, lora_B, xa = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:5])
+        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:5])
         with torch.autocast(grad_out.device.type, enabled=False):
-            grads = ctx.ops.lora_backward(grad_out, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout, needs)
-        return (*grads, None, None, None)
+            grads = lora_linear_backward(grad_out, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed,
+                                         ctx.backend, needs)
+        return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
 
 
 def _check(cond: bool, exc: type, message: str) -> None:
@@ -155,14 +205,13 @@ def fused_lora_linear(
         bias = bias.to(cast) if isinstance(bias, torch.Tensor) else bias
     _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
 
-    dropout = None
-    if training and dropout_p > 0.0:
-        dropout = Dropout(float(dropout_p), draw_seed() if seed is None else int(seed))
+    p = float(dropout_p) if training else 0.0
+    seed_t = seed_tensor(seed) if p > 0.0 else None
 
     in_features, out_features = weight.shape[1], weight.shape[0]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
-    ops = _ops_for(x.device, x.dtype, empty=x2.numel() == 0 or weight.numel() == 0)
+    backend = _select_backend(x2, weight)
     with torch.autocast(x.device.type, enabled=False):
-        y = FusedLoraFunction.apply(x2, weight, lora_A, lora_B, bias, float(scaling), dropout, ops)
+        y = FusedLoraFunction.apply(x2, weight, lora_A, lora_B, bias, float(scaling), p, seed_t, backend)
     return y.reshape(*lead, out_features)

@@ -1,0 +1,1 @@
+"""fused-lora benchmark suite: ``python -m benchmarks`` (see benchmarks/README.md)."""

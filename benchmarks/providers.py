@@ -1,0 +1,109 @@
+"""The implementations a benchmark compares, each built with identical weights for one problem."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Dict
+
+import torch
+from torch import nn
+
+from fused_lora import FusedLoraLinear
+
+
+class NaiveLora(nn.Module):
+    """The textbook LoRA module: ``x @ W^T + b + dropout(x) @ A^T @ B^T * s`` in eager PyTorch ops."""
+
+    def __init__(self, base: nn.Linear, r: int, lora_alpha: float, lora_dropout: float):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, dtype=base.weight.dtype, device=base.weight.device))
+        self.dropout = nn.Dropout(lora_dropout)
+        self.scaling = lora_alpha / r
+
+    def forward(self, x):
+        return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+
+
+def _frozen_linear(K, N, dtype, device, seed=0) -> nn.Linear:
+    torch.manual_seed(seed)
+    base = nn.Linear(K, N, bias=True, dtype=dtype, device=device)
+    return base.requires_grad_(False)
+
+
+def _adapter_values(K, N, r, dtype, device):
+    g = torch.Generator().manual_seed(1)
+    a = (torch.rand(r, K, generator=g) * 2 - 1) / math.sqrt(K)
+    b = torch.randn(N, r, generator=g) / math.sqrt(r)  # non-zero B: the LoRA branch does real work
+    return a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device)
+
+
+def build_base(K, N, r, p, dtype, device):
+    return _frozen_linear(K, N, dtype, device)
+
+
+def build_fused(K, N, r, p, dtype, device):
+    layer = FusedLoraLinear.from_linear(_frozen_linear(K, N, dtype, device), r=r, lora_alpha=2 * r, lora_dropout=p)
+    a, b = _adapter_values(K, N, r, dtype, device)
+    with torch.no_grad():
+        layer.lora_A.copy_(a)
+        layer.lora_B.copy_(b)
+    return layer
+
+
+def build_peft(K, N, r, p, dtype, device):
+    import peft
+    from peft.tuners.lora import Linear as PeftLinear
+
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p)
+    layer = PeftLinear(_frozen_linear(K, N, dtype, device), "default", cfg, r=r, lora_alpha=2 * r, lora_dropout=p)
+    a, b = _adapter_values(K, N, r, dtype, device)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(a)
+        layer.lora_B["default"].weight.copy_(b)
+    return layer
+
+
+def build_naive(K, N, r, p, dtype, device):
+    layer = NaiveLora(_frozen_linear(K, N, dtype, device), r, 2 * r, p)
+    a, b = _adapter_values(K, N, r, dtype, device)
+    with torch.no_grad():
+        layer.lora_A.copy_(a)
+        layer.lora_B.copy_(b)
+    return layer
+
+
+def build_naive_compiled(K, N, r, p, dtype, device):
+    return torch.compile(build_naive(K, N, r, p, dtype, device))
+
+
+PROVIDERS: Dict[str, Callable] = {
+    "fused": build_fused,
+    "peft": build_peft,
+    "naive": build_naive,
+    "naive+compile": build_naive_compiled,
+    "base": build_base,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def available(provider: str) -> bool:
+    """Whether a provider's dependencies import here (peft, bitsandbytes)."""
+    try:
+        if provider.startswith("peft"):
+            import peft  # noqa: F401
+        if provider.endswith("nf4"):
+            import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return provider in PROVIDERS
+
+
+def parameter_storages(module: nn.Module) -> set:
+    """Storage pointers of a module's parameters and buffers (excluded from saved-activation accounting)."""
+    ptrs = set()
+    for t in list(module.parameters()) + list(module.buffers()):
+        ptrs.add(t.untyped_storage().data_ptr())
+    return ptrs

@@ -1,0 +1,174 @@
+"""Tables, CSV rows and plots of benchmark measurements."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import torch
+
+from .suite import Measurement
+
+CSV_FIELDS = ["timestamp", "device", "provider", "mode", "metric", "tokens", "in_features", "out_features", "shape",
+              "dtype", "r", "p", "p20", "p50", "p80", "versions"]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def library_versions() -> str:
+    import fused_lora
+
+    parts = [f"fused_lora={fused_lora.__version__}", f"torch={torch.__version__}"]
+    for name in ("triton", "peft", "bitsandbytes"):
+        try:
+            module = __import__(name)
+            parts.append(f"{name}={module.__version__}")
+        except ImportError:
+            pass
+    return " ".join(parts)
+
+
+def csv_rows(measurements: List[Measurement], device: torch.device) -> List[Dict[str, object]]:
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    dev, versions = device_name(device), library_versions()
+    rows = []
+    for m in measurements:
+        s = m.case.shape
+        metrics = {"time_ms": m.time_ms, "tflops": m.tflops, "saved_mib": (m.saved_mib,) * 3}
+        if m.peak_mem_mib is not None:
+            metrics["peak_mem_mib"] = (m.peak_mem_mib,) * 3
+        for metric, (q20, q50, q80) in metrics.items():
+            rows.append(dict(timestamp=stamp, device=dev, provider=m.case.provider, mode=m.case.mode, metric=metric,
+                             tokens=s.tokens, in_features=s.in_features, out_features=s.out_features, shape=s.label,
+                             dtype=s.dtype_name, r=s.r, p=s.p, p20=f"{q20:.6g}", p50=f"{q50:.6g}", p80=f"{q80:.6g}",
+                             versions=versions))
+    return rows
+
+
+def append_csv(path: str, rows: List[Dict[str, object]]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def _key(m: Measurement):
+    s = m.case.shape
+    return (s.label, s.dtype_name, s.r, s.p, m.case.mode)
+
+
+def table(measurements: List[Measurement]) -> str:
+    """One line per case: median time, TFLOP/s, memory, and the time ratio to ``peft`` and to ``base`` measured in the
+    same run (``base`` does not depend on p or r: its row with the same shape, dtype and mode is used)."""
+    by_key: Dict[tuple, Dict[str, Measurement]] = defaultdict(dict)
+    for m in measurements:
+        by_key[_key(m)][m.case.provider] = m
+    base_by = {}
+    for m in measurements:
+        if m.case.provider == "base":
+            s = m.case.shape
+            base_by[(s.label, s.dtype_name, m.case.mode)] = m
+
+    head = ["shape MxKxN", "dtype", "r", "p", "mode", "provider", "ms p50", "p20-p80", "TFLOP/s", "saved MiB",
+            "peak MiB", "vs peft", "vs base"]
+    lines = [head]
+    for key in sorted(by_key, key=lambda k: (k[1], int(k[0].split("x")[0]), k[0], k[2], k[3], k[4])):
+        group = by_key[key]
+        label, dtype, r, p, mode = key
+        peft = group.get("peft")
+        base = base_by.get((label, dtype, mode))
+        for provider in sorted(group, key=_provider_order):
+            m = group[provider]
+            t20, t50, t80 = m.time_ms
+            ratio_peft = f"{t50 / peft.time_ms[1]:.2f}x" if peft else "-"
+            ratio_base = f"{t50 / base.time_ms[1]:.2f}x" if base else "-"
+            lines.append([label, dtype, str(r), f"{p:g}", mode, provider, f"{t50:.3f}", f"{t20:.3f}-{t80:.3f}",
+                          f"{m.tflops[1]:.3f}", f"{m.saved_mib:.1f}",
+                          "-" if m.peak_mem_mib is None else f"{m.peak_mem_mib:.1f}", ratio_peft, ratio_base])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    out = ["  ".join(c.rjust(w) if i >= 6 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+           for row in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+_ORDER = ["fused", "fused-nf4", "peft", "peft-nf4", "naive", "naive+compile", "base"]
+
+
+def _provider_order(name: str) -> int:
+    return _ORDER.index(name) if name in _ORDER else len(_ORDER)
+
+
+def plot(measurements: List[Measurement], out_dir: str, device_label: str) -> List[str]:
+    """PNG plots: speed-up over peft vs tokens (full fwd+bwd, one line per provider and shape/dtype/p) and bytes
+    saved for backward vs tokens. Returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    full = [m for m in measurements if m.case.mode == "full"]
+    series = defaultdict(dict)  # (provider, K x N, dtype, r, p) -> tokens -> measurement
+    for m in full:
+        s = m.case.shape
+        series[(m.case.provider, f"{s.in_features}x{s.out_features}", s.dtype_name, s.r, s.p)][s.tokens] = m
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (provider, kn, dtype, r, p), points in sorted(series.items()):
+        if provider == "peft":
+            continue
+        ref = series.get(("peft", kn, dtype, r, p))
+        if not ref:
+            continue
+        tokens = sorted(t for t in points if t in ref)
+        if len(tokens) < 1:
+            continue
+        speedup = [ref[t].time_ms[1] / points[t].time_ms[1] for t in tokens]
+        ax.plot(tokens, speedup, marker="o", label=f"{provider} {kn} {dtype} r={r} p={p:g}")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens (M)")
+    ax.set_ylabel("speed-up over peft (forward+backward, p50)")
+    ax.set_title(f"fused-lora vs PEFT: {device_label}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "speedup_vs_tokens.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(path)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (provider, kn, dtype, r, p), points in sorted(series.items()):
+        tokens = sorted(points)
+        ax.plot(tokens, [points[t].saved_mib for t in tokens], marker="o",
+                label=f"{provider} {kn} {dtype} r={r} p={p:g}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens (M)")
+    ax.set_ylabel("MiB saved for backward (parameters excluded)")
+    ax.set_title(f"activation memory: {device_label}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "saved_memory_vs_tokens.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(path)
+    return paths

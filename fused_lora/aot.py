@@ -139,42 +139,84 @@ def capture_launches() -> List[Capture]:
             Launcher.__call__ = original_call
             torch.use_deterministic_algorithms(original_det)
     # The atomic and deterministic variants differ only in the grad-out kernel.
-    return [c for c in captured if c.variant == "default" or c.launcher == "_lora_grad_out_kernel"]
+    captured = [c for c in captured if c.variant == "default" or c.launcher == "_lora_grad_out_kernel"]
+    return captured + _capture_nf4()
+
+
+def _capture_nf4() -> List[Capture]:
+    """NF4 dequantization of a 4096 x 4096 weight (blocksize 64): to bf16 with and without double quantization,
+    and to fp32 (double quantization) for the fp32 families."""
+    from fused_lora.kernels import nf4
+    from fused_lora.kernels._launch import Launcher
+
+    rows, cols, blocksize = 4096, 4096, 64
+    n_blocks = rows * cols // blocksize
+    packed = torch.empty(rows * cols // 2, 1, dtype=torch.uint8)
+    code = torch.empty(16, dtype=torch.float32)
+    captured: List[Capture] = []
+    for variant, dtype in (("nested", torch.bfloat16), ("plain", torch.bfloat16), ("nested", torch.float32)):
+        def record(self, grid, family, cfg=None, **args):
+            captured.append(Capture(self.name, variant, str(dtype).replace("torch.", ""), args))
+
+        original_call = Launcher.__call__
+        Launcher.__call__ = record
+        try:
+            if variant == "nested":
+                nf4.nf4_dequantize(packed, code, torch.empty(n_blocks, dtype=torch.uint8), (rows, cols), blocksize,
+                                   dtype, absmax2=torch.empty(n_blocks // 256), code2=torch.empty(256),
+                                   offset=torch.empty(()))
+            else:
+                nf4.nf4_dequantize(packed, code, torch.empty(n_blocks), (rows, cols), blocksize, dtype)
+        finally:
+            Launcher.__call__ = original_call
+    return captured
+
+
+def all_launchers():
+    """Every Launcher the package ships (the fused LoRA kernels and the NF4 dequantization)."""
+    from fused_lora.kernels import lora, nf4
+
+    return tuple(lora.LAUNCHERS) + tuple(nf4.LAUNCHERS)
 
 
 def _launcher_by_name(name: str):
-    from fused_lora.kernels import lora
-
-    for launcher in lora.LAUNCHERS:
+    for launcher in all_launchers():
         if launcher.name == name:
             return launcher
     raise KeyError(name)
 
 
-def compile_launch(capture: Capture, family: str, cfg, target_arch: int) -> CompileResult:
-    """Compile one captured launch with configuration ``cfg`` for ``sm_<target_arch>`` and read its resources."""
+def compile_capture(capture: Capture, args: dict, cfg, target_arch: int):
+    """Compile one captured launch (with launch arguments ``args``) and configuration ``cfg`` for
+    ``sm_<target_arch>``; returns Triton's compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile, make_backend
     from triton.runtime.jit import create_function_from_signature
 
+    kernel = _launcher_by_name(capture.launcher).kernel
+    target = GPUTarget("cuda", target_arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = {**args, **cfg.all_kwargs()}
+    bound_args, specialization, options = binder(**kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def compile_launch(capture: Capture, family: str, cfg, target_arch: int) -> CompileResult:
+    """Compile one captured launch with configuration ``cfg`` for ``sm_<target_arch>`` and read its resources."""
     launcher = _launcher_by_name(capture.launcher)
     kernel = launcher.kernel
     args = dict(capture.args)
-    if family != "half":  # fp32 launches compile once per matmul precision
+    if family != "half" and "INPUT_PRECISION" in kernel.arg_names:  # fp32 GEMMs compile once per precision
         args["INPUT_PRECISION"] = {"ieee": "ieee", "tf32": "tf32", "tf32x3": "tf32x3"}[family]
     cfg_name = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items())
-    target = GPUTarget("cuda", target_arch, 32)
     base = dict(kernel=capture.launcher, variant=f"{capture.dtype}/{capture.variant}/{family}", config=cfg_name,
                 target=target_arch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 shared_limit=SHARED_LIMIT[target_arch],
                 needs_tensor_cores="tl.dot(" in kernel.src and family in ("half", "tf32", "tf32x3"))
     try:
-        backend = make_backend(target)
-        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-        kwargs = {**args, **cfg.all_kwargs()}
-        bound_args, specialization, options = binder(**kwargs)
-        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
-        compiled = compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+        compiled = compile_capture(capture, args, cfg, target_arch)
         usage = resource_usage(compiled.asm["cubin"])
         ptx = compiled.asm["ptx"]
         return CompileResult(

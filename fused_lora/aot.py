@@ -97,11 +97,23 @@ def resource_usage(cubin: bytes) -> Dict[str, int]:
 
 def _example_problems():
     """Representative launches: the heaviest variant of every kernel (dropout, bias, every gradient, the largest
-    rank tile), in each dtype family, with the atomic and the deterministic dB reduction."""
-    M, K, N, R = 4096, 4096, 4096, 64
+    rank tile), in each dtype family, with the atomic and the deterministic dB reduction, and with an NF4 base
+    weight dequantized inside the GEMMs (a token count at the in-loop threshold)."""
+    from fused_lora.kernels.lora import NF4_FUSED_MAX_TOKENS
+
+    K, N, R = 4096, 4096, 64
     for dtype in (torch.bfloat16, torch.float32):
-        for deterministic in (False, True):
-            yield dtype, deterministic, (M, K, N, R)
+        for variant in ("default", "deterministic", "nf4"):
+            yield dtype, variant, (NF4_FUSED_MAX_TOKENS if variant == "nf4" else 4096, K, N, R)
+
+
+def _example_weight(variant: str, N: int, K: int, dtype: torch.dtype):
+    if variant != "nf4":
+        return torch.empty(N, K, dtype=dtype)
+    from fused_lora.nf4 import NF4_CODE, NF4Weight
+
+    return NF4Weight(data=torch.empty((N * K + 1) // 2, 1, dtype=torch.uint8), blocksize=64, shape=(N, K),
+                     dtype=dtype, code=NF4_CODE.clone(), absmax=torch.empty(N * K // 64))
 
 
 def capture_launches() -> List[Capture]:
@@ -112,16 +124,15 @@ def capture_launches() -> List[Capture]:
 
     captured: List[Capture] = []
     seen = set()
-    for dtype, deterministic, (M, K, N, R) in _example_problems():
+    for dtype, variant, (M, K, N, R) in _example_problems():
         x = torch.empty(M, K, dtype=dtype)
-        w = torch.empty(N, K, dtype=dtype)
+        w = _example_weight(variant, N, K, dtype)
         a = torch.empty(R, K, dtype=dtype)
         b = torch.empty(N, R, dtype=dtype)
         bias = torch.empty(N, dtype=dtype)
         g = torch.empty(M, N, dtype=dtype)
         xa = torch.empty(M, R, dtype=dtype)
         dropout = Dropout(0.1, 0)
-        variant = "deterministic" if deterministic else "default"
 
         def record(self, grid, family, cfg=None, **args):
             key = (self.name, variant, dtype)
@@ -132,14 +143,16 @@ def capture_launches() -> List[Capture]:
         original_call, original_det = Launcher.__call__, torch.are_deterministic_algorithms_enabled()
         Launcher.__call__ = record
         try:
-            torch.use_deterministic_algorithms(deterministic)
+            torch.use_deterministic_algorithms(variant == "deterministic")
             lora.lora_forward(x, w, a, b, bias, 2.0, dropout)
             lora.lora_backward(g, x, w, a, b, xa, 2.0, dropout, (True, False, True, True, True))
         finally:
             Launcher.__call__ = original_call
             torch.use_deterministic_algorithms(original_det)
-    # The atomic and deterministic variants differ only in the grad-out kernel.
-    captured = [c for c in captured if c.variant == "default" or c.launcher == "_lora_grad_out_kernel"]
+    # The deterministic variant differs only in the grad-out kernel, the NF4 one only in the two GEMMs.
+    differs = {"default": None, "deterministic": ("_lora_grad_out_kernel",),
+               "nf4": ("_lora_linear_fwd_kernel", "_lora_dgrad_kernel")}
+    captured = [c for c in captured if differs[c.variant] is None or c.launcher in differs[c.variant]]
     return captured + _capture_nf4()
 
 
@@ -208,13 +221,14 @@ def compile_launch(capture: Capture, family: str, cfg, target_arch: int) -> Comp
     launcher = _launcher_by_name(capture.launcher)
     kernel = launcher.kernel
     args = dict(capture.args)
-    if family != "half" and "INPUT_PRECISION" in kernel.arg_names:  # fp32 GEMMs compile once per precision
-        args["INPUT_PRECISION"] = {"ieee": "ieee", "tf32": "tf32", "tf32x3": "tf32x3"}[family]
+    precision = family.split("-")[0]  # "half", "tf32" or "ieee" (an "-nf4" suffix names in-loop NF4 tilings)
+    if precision != "half" and "INPUT_PRECISION" in kernel.arg_names:  # fp32 GEMMs compile once per precision
+        args["INPUT_PRECISION"] = precision
     cfg_name = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items())
     base = dict(kernel=capture.launcher, variant=f"{capture.dtype}/{capture.variant}/{family}", config=cfg_name,
                 target=target_arch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 shared_limit=SHARED_LIMIT[target_arch],
-                needs_tensor_cores="tl.dot(" in kernel.src and family in ("half", "tf32", "tf32x3"))
+                needs_tensor_cores="tl.dot(" in kernel.src and precision in ("half", "tf32"))
     try:
         compiled = compile_capture(capture, args, cfg, target_arch)
         usage = resource_usage(compiled.asm["cubin"])
@@ -240,6 +254,8 @@ def jobs() -> List[Tuple]:
     for capture in capture_launches():
         launcher = _launcher_by_name(capture.launcher)
         families = ("half",) if capture.dtype != "float32" else ("tf32", "ieee")
+        if capture.variant == "nf4":  # the GEMMs that dequantize NF4 in their main loop have their own tilings
+            families = tuple(f + "-nf4" for f in families)
         for family in families:
             for cfg_index in range(len(launcher.configs[family])):
                 for target in TARGETS:

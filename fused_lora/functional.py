@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 
 from . import torch_ops
 from ._backend import resolve_backend
 from .dropout import Dropout, seed_tensor
+from .nf4 import NF4Weight
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_NF4_ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _select_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
+def _select_backend(x: torch.Tensor, out_features: int) -> str:
     """"torch" or "triton" for this call (see fused_lora._backend for the rule)."""
     backend = resolve_backend(x.device)
-    if backend == "torch" or x.numel() == 0 or weight.numel() == 0:
+    if backend == "torch" or x.numel() == 0 or out_features == 0:
         # Empty problems have exact, trivial results (empty outputs, zero gradients): no kernel launch needed.
         return "torch"
     if x.dtype == torch.float64:
@@ -42,6 +44,39 @@ def _dropout(dropout_p: float, seed: Optional[torch.Tensor]) -> Optional[Dropout
     return None if seed is None else Dropout(dropout_p, int(seed.item()))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The base weight crosses the operator boundary as a list of tensors plus integers: [W] for a dense weight, or the
+# NF4 tensors (packed codes, code table, then absmax or the nested statistics) with their shape and block sizes.
+# ----------------------------------------------------------------------------------------------------------------
+
+_DENSE, _NF4 = 0, 1
+
+
+def pack_weight(weight) -> Tuple[List[torch.Tensor], List[int]]:
+    """``(tensors, meta)`` describing a dense weight or an ``NF4Weight`` (inverse: :func:`unpack_weight`)."""
+    if isinstance(weight, NF4Weight):
+        stats = [weight.qabsmax, weight.absmax2, weight.code2, weight.offset] if weight.nested else [weight.absmax]
+        meta = [_NF4, weight.shape[0], weight.shape[1], weight.blocksize, weight.nested_blocksize,
+                _NF4_ACTIVATION_DTYPES.index(weight.dtype)]
+        return [weight.data, weight.code] + stats, meta
+    return [weight], [_DENSE]
+
+
+def unpack_weight(tensors: List[torch.Tensor], meta: List[int]):
+    if meta[0] == _DENSE:
+        return tensors[0]
+    _, out_f, in_f, blocksize, nested_blocksize, dtype_index = meta
+    common = dict(data=tensors[0], code=tensors[1], blocksize=blocksize, shape=(out_f, in_f),
+                  dtype=_NF4_ACTIVATION_DTYPES[dtype_index], nested_blocksize=nested_blocksize)
+    if len(tensors) == 3:
+        return NF4Weight(absmax=tensors[2], **common)
+    return NF4Weight(qabsmax=tensors[2], absmax2=tensors[3], code2=tensors[4], offset=tensors[5], **common)
+
+
+def _weight_shape(tensors: List[torch.Tensor], meta: List[int]) -> Tuple[int, int]:
+    return tuple(tensors[0].shape) if meta[0] == _DENSE else (meta[1], meta[2])
+
+
 # The forward and backward are registered as custom operators (with fake implementations for shape propagation),
 # so torch.compile captures a model using them in one graph (fullgraph=True) instead of breaking at the kernels.
 # The dropout seed travels as a 0-dim int64 CPU tensor: drawing it needs no graph break and no device sync.
@@ -49,34 +84,39 @@ def _dropout(dropout_p: float, seed: Optional[torch.Tensor]) -> Optional[Dropout
 
 @torch.library.custom_op("fused_lora::lora_linear_forward", mutates_args=())
 def lora_linear_forward(
-    x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, bias: Optional[torch.Tensor],
-    scaling: float, dropout_p: float, seed: Optional[torch.Tensor], backend: str,
+    x: torch.Tensor, weight: List[torch.Tensor], weight_meta: List[int], lora_A: torch.Tensor, lora_B: torch.Tensor,
+    bias: Optional[torch.Tensor], scaling: float, dropout_p: float, seed: Optional[torch.Tensor], backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(y, xa)`` for 2-D x: ``y = x W^T + scaling * xa B^T + bias`` and ``xa = D(x) A^T``."""
-    return _implementation(backend).lora_forward(x, weight, lora_A, lora_B, bias, scaling, _dropout(dropout_p, seed))
+    return _implementation(backend).lora_forward(
+        x, unpack_weight(weight, weight_meta), lora_A, lora_B, bias, scaling, _dropout(dropout_p, seed)
+    )
 
 
 @lora_linear_forward.register_fake
-def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
+def _(x, weight, weight_meta, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
+    out_features = _weight_shape(weight, weight_meta)[0]
+    return x.new_empty((x.shape[0], out_features)), x.new_empty((x.shape[0], lora_A.shape[0]))
 
 
 @torch.library.custom_op("fused_lora::lora_linear_backward", mutates_args=())
 def lora_linear_backward(
-    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-    xa: torch.Tensor, scaling: float, dropout_p: float, seed: Optional[torch.Tensor], backend: str,
-    needs: List[bool],
+    grad_out: torch.Tensor, x: torch.Tensor, weight: List[torch.Tensor], weight_meta: List[int],
+    lora_A: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scaling: float, dropout_p: float,
+    seed: Optional[torch.Tensor], backend: str, needs: List[bool],
 ) -> List[torch.Tensor]:
     """``[dx, dW, dA, dB, dbias]``; an entry not flagged in ``needs`` is an empty tensor."""
     grads = _implementation(backend).lora_backward(
-        grad_out, x, weight, lora_A, lora_B, xa, scaling, _dropout(dropout_p, seed), tuple(needs)
+        grad_out, x, unpack_weight(weight, weight_meta), lora_A, lora_B, xa, scaling, _dropout(dropout_p, seed),
+        tuple(needs),
     )
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @lora_linear_backward.register_fake
-def _(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, backend, needs):
-    shapes = (x.shape, weight.shape, lora_A.shape, lora_B.shape, (weight.shape[0],))
+def _(grad_out, x, weight, weight_meta, lora_A, lora_B, xa, scaling, dropout_p, seed, backend, needs):
+    out_features = _weight_shape(weight, weight_meta)[0]
+    shapes = (x.shape, _weight_shape(weight, weight_meta), lora_A.shape, lora_B.shape, (out_features,))
     return [x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs)]
 
 
@@ -106,23 +146,30 @@ class FusedLoraFunction(torch.autograd.Function):
 
     Saved for backward: x, W, A, B, xa and the seed -- nothing else of size ``M x K``; the mask is regenerated from
     the seed in backward. ``g`` is read once for both ``gb`` and ``dB`` (and ``dbias``) by the kernels.
+
+
+    Weights: ``weight_tensors`` / ``weight_meta`` hold a dense W (``[W]``) or an NF4 W (see :func:`pack_weight`).
+    An NF4 W is dequantized again in backward (never kept dense) and gets no gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
-        y, xa = lora_linear_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
-        ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+    def forward(ctx, x, lora_A, lora_B, bias, scaling, dropout_p, seed, backend, weight_meta, *weight_tensors):
+        y, xa = lora_linear_forward(x, list(weight_tensors), weight_meta, lora_A, lora_B, bias, scaling, dropout_p,
+                                    seed, backend)
+        ctx.save_for_backward(x, lora_A, lora_B, xa, seed, *weight_tensors)
+        ctx.scaling, ctx.dropout_p, ctx.backend, ctx.weight_meta = scaling, dropout_p, backend, weight_meta
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
-        needs = list(ctx.needs_input_grad[:5])
+        x, lora_A, lora_B, xa, seed, *weight_tensors = ctx.saved_tensors
+        need_dw = ctx.weight_meta[0] == _DENSE and ctx.needs_input_grad[9]
+        needs = [ctx.needs_input_grad[0], need_dw, *ctx.needs_input_grad[1:4]]
         with torch.autocast(grad_out.device.type, enabled=False):
-            grads = lora_linear_backward(grad_out, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed,
-                                         ctx.backend, needs)
-        return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
+            grads = lora_linear_backward(grad_out, x, weight_tensors, ctx.weight_meta, lora_A, lora_B, xa,
+                                         ctx.scaling, ctx.dropout_p, seed, ctx.backend, needs)
+        dx, dw, da, db, dbias = (g if need else None for g, need in zip(grads, needs))
+        return (dx, da, db, dbias, None, None, None, None, None, dw, *[None] * (len(weight_tensors) - 1))
 
 
 def _check(cond: bool, exc: type, message: str) -> None:
@@ -131,13 +178,19 @@ def _check(cond: bool, exc: type, message: str) -> None:
 
 
 def _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p) -> None:
-    names = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    quantized = isinstance(weight, NF4Weight)
+    names = {"x": x, "lora_A": lora_A, "lora_B": lora_B}
+    if not quantized:
+        names["weight"] = weight
     if bias is not None:
         names["bias"] = bias
     for name, t in names.items():
-        _check(isinstance(t, torch.Tensor), TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check(isinstance(t, torch.Tensor), TypeError,
+               f"{name} must be a torch.Tensor{' (or an NF4Weight)' if name == 'weight' else ''}, got {type(t).__name__}")
     _check(x.dim() >= 1, ValueError, "x must have shape [..., in_features]; got a 0-dim tensor")
-    _check(weight.dim() == 2, ValueError, f"weight must be 2-D [out_features, in_features], got shape {list(weight.shape)}")
+    if not quantized:
+        _check(weight.dim() == 2, ValueError,
+               f"weight must be 2-D [out_features, in_features], got shape {list(weight.shape)}")
     out_features, in_features = weight.shape
     _check(lora_A.dim() == 2, ValueError, f"lora_A must be 2-D [r, in_features], got shape {list(lora_A.shape)}")
     r = lora_A.shape[0]
@@ -166,6 +219,11 @@ def _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p) -> None:
                "one dtype (cast the module with .to(dtype), or run under torch.autocast)")
         _check(t.device == x.device, ValueError,
                f"device mismatch: x is on {x.device} but {name} is on {t.device}")
+    if quantized:
+        _check(x.dtype in _NF4_ACTIVATION_DTYPES, TypeError,
+               f"an NF4 weight computes in float32, float16 or bfloat16, got x of dtype {x.dtype}")
+        _check(weight.device == x.device, ValueError,
+               f"device mismatch: x is on {x.device} but the NF4 weight is on {weight.device}")
     _check(isinstance(scaling, numbers.Real) and math.isfinite(scaling), ValueError,
            f"scaling must be a finite real number, got {scaling!r}")
     _check(isinstance(dropout_p, numbers.Real) and 0.0 <= dropout_p < 1.0, ValueError,
@@ -174,7 +232,7 @@ def _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p) -> None:
 
 def fused_lora_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: Union[torch.Tensor, NF4Weight],
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scaling: float,
@@ -187,7 +245,8 @@ def fused_lora_linear(
 
     Args:
         x: activations ``[..., in_features]``; any strides.
-        weight: the frozen base weight ``[out_features, in_features]``.
+        weight: the frozen base weight ``[out_features, in_features]``: a tensor, or an ``NF4Weight`` (QLoRA; it is
+            dequantized to x's dtype on the fly, never stored dense, and gets no gradient).
         lora_A: ``[r, in_features]``; lora_B: ``[out_features, r]``.
         scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA).
         bias: optional ``[out_features]``.
@@ -201,8 +260,8 @@ def fused_lora_linear(
     """
     if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
         cast = torch.get_autocast_dtype(x.device.type)
-        x, weight, lora_A, lora_B = (t.to(cast) if isinstance(t, torch.Tensor) else t for t in (x, weight, lora_A, lora_B))
-        bias = bias.to(cast) if isinstance(bias, torch.Tensor) else bias
+        x, weight, lora_A, lora_B, bias = (t.to(cast) if isinstance(t, torch.Tensor) else t
+                                           for t in (x, weight, lora_A, lora_B, bias))
     _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
 
     p = float(dropout_p) if training else 0.0
@@ -211,7 +270,9 @@ def fused_lora_linear(
     in_features, out_features = weight.shape[1], weight.shape[0]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
-    backend = _select_backend(x2, weight)
+    backend = _select_backend(x2, out_features)
+    weight_tensors, weight_meta = pack_weight(weight)
     with torch.autocast(x.device.type, enabled=False):
-        y = FusedLoraFunction.apply(x2, weight, lora_A, lora_B, bias, float(scaling), p, seed_t, backend)
+        y = FusedLoraFunction.apply(x2, lora_A, lora_B, bias, float(scaling), p, seed_t, backend, weight_meta,
+                                    *weight_tensors)
     return y.reshape(*lead, out_features)

@@ -1,4 +1,4 @@
-"""``FusedLoraLinear``: a drop-in LoRA linear layer running the fused kernels."""
+"""``FusedLoraLinear``: a drop-in LoRA linear layer running the fused kernels, on a dense or an NF4 (QLoRA) base."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import fused_lora_linear
+from .nf4 import NF4Weight, quantize_nf4
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -25,6 +26,10 @@ def _check_lora_args(r, lora_dropout) -> None:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
 
 
+# Buffers holding an NF4 base weight (see fused_lora.nf4.NF4Weight for their meaning).
+_NF4_BUFFERS = ("data", "code", "absmax", "qabsmax", "absmax2", "code2", "offset")
+
+
 class FusedLoraLinear(nn.Module):
     """``y = x W^T + (lora_alpha / r) * B(A(dropout(x))) + bias`` with a frozen ``W`` and trainable ``A``, ``B``.
 
@@ -32,8 +37,12 @@ class FusedLoraLinear(nn.Module):
     initialised with ``kaiming_uniform_(a=sqrt(5))`` and ``lora_B`` ``[out, r]`` with zeros, so a new adapter
     starts as the identity update. Dropout applies to the LoRA branch's input in training mode only.
 
-    ``merge()`` folds ``scaling * B @ A`` into ``weight`` (a plain linear forward, for inference); ``unmerge()``
-    subtracts it again. A merged layer does not train its adapter: unmerge before training.
+    QLoRA: ``from_linear(..., quantize="nf4")`` and ``from_bnb(linear4bit)`` return a :class:`FusedLoraLinearNF4`,
+    which keeps the base weight only in its 4-bit form.
+
+    ``merge()`` folds ``scaling * B @ A`` into the base weight (a plain linear forward, for inference);
+    ``unmerge()`` subtracts it again. A merged layer does not train its adapter: unmerge before training. On an NF4
+    base both re-quantize (see :meth:`merge`).
     """
 
     def __init__(
@@ -77,6 +86,21 @@ class FusedLoraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
+    # ------------------------------------------------------------------------------------------------------------
+    # construction from existing layers
+
+    @classmethod
+    def _wrap(cls, in_features, out_features, bias, r, lora_alpha, lora_dropout, use_rslora, factory):
+        _check_lora_args(r, lora_dropout)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = in_features, out_features
+        layer.bias = bias
+        if bias is not None:
+            bias.requires_grad_(False)
+        layer._init_lora(r, lora_alpha, lora_dropout, use_rslora, factory)
+        return layer
+
     @classmethod
     def from_linear(
         cls,
@@ -85,22 +109,68 @@ class FusedLoraLinear(nn.Module):
         lora_alpha: float = 16,
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
+        quantize: Optional[str] = None,
+        compute_dtype: Optional[torch.dtype] = None,
+        blocksize: int = 64,
+        double_quant: bool = True,
     ) -> "FusedLoraLinear":
-        """Wrap an existing ``nn.Linear``: its ``weight`` and ``bias`` Parameters are shared (no copy) and frozen."""
+        """Wrap an existing ``nn.Linear``.
+
+        ``quantize=None``: its ``weight`` and ``bias`` Parameters are shared (no copy) and frozen.
+        ``quantize="nf4"``: the weight is quantized to NF4 exactly as ``bitsandbytes.functional.quantize_4bit``
+        does (``blocksize``, ``double_quant`` = bitsandbytes' ``compress_statistics``); only the 4-bit form is
+        kept. ``compute_dtype`` (default: the linear's dtype) is the dtype of the adapters and of the math.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        _check_lora_args(r, lora_dropout)
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer.weight = linear.weight
-        layer.weight.requires_grad_(False)
-        layer.bias = linear.bias
-        if layer.bias is not None:
-            layer.bias.requires_grad_(False)
-        factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
-        layer._init_lora(r, lora_alpha, lora_dropout, use_rslora, factory)
-        return layer
+        if quantize is None:
+            if compute_dtype is not None and compute_dtype != linear.weight.dtype:
+                raise ValueError("compute_dtype applies to quantized bases; cast the linear itself for a dense one")
+            factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+            layer = cls._wrap(linear.in_features, linear.out_features, linear.bias, r, lora_alpha, lora_dropout,
+                              use_rslora, factory)
+            layer.weight = linear.weight
+            layer.weight.requires_grad_(False)
+            return layer
+        if quantize != "nf4":
+            raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+        nf4 = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        return FusedLoraLinearNF4.from_nf4(nf4, linear.bias, r, lora_alpha, lora_dropout, use_rslora,
+                                           compute_dtype or linear.weight.dtype)
+
+    @classmethod
+    def from_bnb(
+        cls,
+        linear4bit: nn.Module,
+        r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        compute_dtype: Optional[torch.dtype] = None,
+    ) -> "FusedLoraLinear":
+        """Wrap a bitsandbytes ``Linear4bit`` (NF4) without re-quantizing: its packed weight and statistics are
+        shared, its bias Parameter too. ``compute_dtype`` defaults to the Linear4bit's own, else the weight's
+        original dtype. fp4 and other unsupported quantizations raise a ValueError."""
+        nf4 = NF4Weight.from_bnb(linear4bit)
+        dtype = compute_dtype or getattr(linear4bit, "compute_dtype", None) or nf4.dtype
+        return FusedLoraLinearNF4.from_nf4(nf4, linear4bit.bias, r, lora_alpha, lora_dropout, use_rslora, dtype)
+
+    @property
+    def quantized(self) -> bool:
+        """True when the base weight is stored as NF4 (:class:`FusedLoraLinearNF4`)."""
+        return False
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the adapters and of the math."""
+        return self.lora_A.dtype
+
+    def base_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The base weight as a dense ``[out, in]`` tensor (here: ``weight`` itself, cast if ``dtype`` is given)."""
+        return self.weight if dtype is None else self.weight.to(dtype)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # forward, merge
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -115,26 +185,123 @@ class FusedLoraLinear(nn.Module):
         return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
 
     @torch.no_grad()
+    def _apply_delta(self, sign: float) -> None:
+        self.weight.copy_(self.weight.float() + sign * self.delta_weight())
+
     def merge(self) -> None:
-        """``weight += scaling * B @ A`` (computed in fp32, rounded once to the weight's dtype)."""
+        """``W += scaling * B @ A``, computed in fp32 and rounded once to the weight's dtype. On an NF4 base the
+        merged weight is re-quantized to NF4 (see :meth:`FusedLoraLinearNF4._apply_delta` for the error)."""
         if self.merged:
             warnings.warn("FusedLoraLinear.merge(): already merged, nothing to do", stacklevel=2)
             return
-        self.weight.copy_(self.weight.float() + self.delta_weight())
+        self._apply_delta(+1.0)
         self.merged = True
 
-    @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge`: ``weight -= scaling * B @ A`` (restores the weight up to the rounding of the two updates)."""
+        """Undo :meth:`merge`: ``W -= scaling * B @ A`` (restores a dense weight up to the rounding of the two
+        updates; an NF4 weight up to two re-quantizations)."""
         if not self.merged:
             warnings.warn("FusedLoraLinear.unmerge(): not merged, nothing to do", stacklevel=2)
             return
-        self.weight.copy_(self.weight.float() - self.delta_weight())
+        self._apply_delta(-1.0)
         self.merged = False
+
+    def _base_repr(self) -> str:
+        return "dense"
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, bias={self.bias is not None}, "
-            f"use_rslora={self.use_rslora}, merged={self.merged}"
+            f"use_rslora={self.use_rslora}, base={self._base_repr()}, merged={self.merged}"
         )
+
+
+class FusedLoraLinearNF4(FusedLoraLinear):
+    """A :class:`FusedLoraLinear` whose frozen base weight is stored only as NF4 (QLoRA).
+
+    Built by ``FusedLoraLinear.from_linear(..., quantize="nf4")`` or ``FusedLoraLinear.from_bnb(linear4bit)``.
+    The packed 4-bit codes and their block statistics are buffers ``nf4_data``, ``nf4_code`` and ``nf4_absmax`` or
+    (double quantization) ``nf4_qabsmax``, ``nf4_absmax2``, ``nf4_code2``, ``nf4_offset``: about 0.5 byte per
+    weight, in bitsandbytes' layout (``nf4_weight.to_state_dict()`` gives bitsandbytes' own keys). ``weight`` is
+    None. The layer computes in ``compute_dtype``: inputs are cast to it and outputs back to the input dtype, as
+    bitsandbytes' ``Linear4bit`` does. W is dequantized on the fly in forward and again in backward, never stored
+    dense: inside the GEMM main loop for short inputs, through a transient buffer for long ones (the threshold is
+    ``fused_lora.kernels.lora.NF4_FUSED_MAX_TOKENS``); the torch path dequantizes into a transient tensor.
+    """
+
+    @classmethod
+    def from_nf4(cls, nf4: NF4Weight, bias: Optional[torch.Tensor] = None, r: int = 8, lora_alpha: float = 16,
+                 lora_dropout: float = 0.0, use_rslora: bool = False,
+                 compute_dtype: torch.dtype = torch.bfloat16) -> "FusedLoraLinearNF4":
+        """A layer around an existing :class:`NF4Weight` (its tensors are used as they are, not copied)."""
+        if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype}")
+        factory = {"device": nf4.device, "dtype": compute_dtype}
+        layer = cls._wrap(nf4.shape[1], nf4.shape[0], bias, r, lora_alpha, lora_dropout, use_rslora, factory)
+        layer.weight = None
+        for name in _NF4_BUFFERS:
+            layer.register_buffer(f"nf4_{name}", getattr(nf4, name), persistent=True)
+        layer._nf4_meta = dict(blocksize=nf4.blocksize, shape=list(nf4.shape), dtype=_dtype_name(nf4.dtype),
+                               nested_blocksize=nf4.nested_blocksize, compute_dtype=_dtype_name(compute_dtype))
+        return layer
+
+    @property
+    def quantized(self) -> bool:
+        return True
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return getattr(torch, self._nf4_meta["compute_dtype"])
+
+    @property
+    def nf4_weight(self) -> NF4Weight:
+        """The NF4 base weight (a view of this layer's buffers)."""
+        meta = self._nf4_meta
+        return NF4Weight(blocksize=meta["blocksize"], shape=tuple(meta["shape"]), dtype=getattr(torch, meta["dtype"]),
+                         nested_blocksize=meta["nested_blocksize"],
+                         **{name: getattr(self, f"nf4_{name}") for name in _NF4_BUFFERS})
+
+    def base_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The NF4 weight dequantized to ``dtype`` (default: the compute dtype): a new ``[out, in]`` tensor."""
+        return self.nf4_weight.dequantize(dtype or self.compute_dtype)
+
+    def get_extra_state(self):
+        return dict(self._nf4_meta)
+
+    def set_extra_state(self, state) -> None:
+        self._nf4_meta = dict(state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype
+        xc = x.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        if self.merged:
+            y = F.linear(xc, self.base_weight(dtype), bias)
+        else:
+            y = fused_lora_linear(
+                xc, self.nf4_weight, self.lora_A, self.lora_B, self.scaling, bias=bias,
+                dropout_p=self.lora_dropout, training=self.training,
+            )
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _apply_delta(self, sign: float) -> None:
+        # Dequantize, add in fp32, re-quantize with the same block size and statistics layout (as PEFT does for
+        # bitsandbytes bases). Every element moves to the nearest NF4 level of its block's new absmax: an error of
+        # up to half the gap between neighbouring levels (from about 0.04 x absmax near 0 to 0.14 x absmax near
+        # +-1), so a merge followed by an unmerge does not restore the original codes exactly.
+        old = self.nf4_weight
+        merged = old.dequantize(torch.float32) + sign * self.delta_weight()
+        new = quantize_nf4(merged.to(old.dtype), blocksize=old.blocksize, double_quant=old.nested)
+        for name in _NF4_BUFFERS:
+            setattr(self, f"nf4_{name}", getattr(new, name))
+
+    def _base_repr(self) -> str:
+        meta = self._nf4_meta
+        return (f"nf4(blocksize={meta['blocksize']}, double_quant={self.nf4_qabsmax is not None}, "
+                f"compute_dtype={meta['compute_dtype']})")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")

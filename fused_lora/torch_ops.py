@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 from .dropout import Dropout
+from .nf4 import NF4Weight
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -47,8 +48,12 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
-def _opt(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
-    return None if t is None else t.to(dtype)
+def dense_weight(weight, dtype: torch.dtype) -> torch.Tensor:
+    """W as a dense tensor: itself, or an ``NF4Weight`` dequantized to ``dtype`` (the activation dtype, so the
+    values are bitsandbytes' dequantized weights, as the kernels use them) -- a transient copy."""
+    if isinstance(weight, NF4Weight):
+        return weight.dequantize_torch(dtype)
+    return weight
 
 
 def lora_forward(
@@ -60,9 +65,10 @@ def lora_forward(
     scaling: float,
     dropout: Optional[Dropout],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``y = x @ W^T + scaling * xa @ B^T + bias`` with ``xa = D(x) @ A^T``, for 2-D x. Returns ``(y, xa)``."""
+    """``y = x @ W^T + scaling * xa @ B^T + bias`` with ``xa = D(x) @ A^T``, for 2-D x; ``weight`` dense or an
+    ``NF4Weight``. Returns ``(y, xa)``."""
     dtype, cdt = x.dtype, compute_dtype(x)
-    xc, wc, ac, bc = x.to(cdt), weight.to(cdt), lora_A.to(cdt), lora_B.to(cdt)
+    xc, wc, ac, bc = x.to(cdt), dense_weight(weight, dtype).to(cdt), lora_A.to(cdt), lora_B.to(cdt)
 
     if dropout is None:
         xa = torch.mm(xc, ac.t())
@@ -102,7 +108,7 @@ def lora_backward(
         lora_scale = scaling if dropout is None else scaling * dropout.scale
         ac = lora_A.to(cdt)
         if need_dx:
-            dx = torch.mm(g, weight.to(cdt))
+            dx = torch.mm(g, dense_weight(weight, dtype).to(cdt))
             if keep is None:
                 dx.addmm_(gb, ac, alpha=scaling)
             else:

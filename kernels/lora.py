@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ._launch import Launcher, config, config_family
 from .dropout import dropout_keep
+from .nf4 import nf4_decode_tile, nf4_dequantize
 
 # ----------------------------------------------------------------------------------------------------------------
 # kernels
@@ -88,15 +89,19 @@ def _lora_down_kernel(
 
 @triton.jit
 def _lora_linear_fwd_kernel(
-    x_ptr, w_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
+    x_ptr, w_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr, nf4_code_ptr, nf4_absmax_ptr,
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bn, stride_br, stride_ym, stride_yn,
     scaling,
-    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, W_NF4: tl.constexpr, NF4_BLOCKSIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """y[BLOCK_M, BLOCK_N] = x @ W^T + scaling * xa @ B^T + bias."""
+    """y[BLOCK_M, BLOCK_N] = x @ W^T + scaling * xa @ B^T + bias.
+
+    W_NF4: ``w_ptr`` holds W's packed NF4 codes (``nf4_code_ptr``: the 16-value table, ``nf4_absmax_ptr``: the
+    decoded fp32 absmax per block); each W tile is dequantized in registers inside the main loop, rounded to x's
+    dtype exactly as ``NF4Weight.dequantize`` rounds it, so both QLoRA paths see bit-identical weights."""
     pid_m, pid_n = _grouped_pids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -125,7 +130,12 @@ def _lora_linear_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + rk) < K
         x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-        wt = tl.load(wt_ptrs, mask=k_ok[:, None], other=0.0)
+        if W_NF4:
+            wt = nf4_decode_tile(w_ptr, nf4_code_ptr, nf4_absmax_ptr, nf4_absmax_ptr, nf4_code_ptr, nf4_absmax_ptr,
+                                 (rn % N)[None, :], (k0 + rk)[:, None], K, k_ok[:, None],
+                                 NF4_BLOCKSIZE, False, 1).to(x_ptr.dtype.element_ty)
+        else:
+            wt = tl.load(wt_ptrs, mask=k_ok[:, None], other=0.0)
         acc = tl.dot(x, wt, acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         wt_ptrs += BLOCK_K * stride_wk
@@ -201,15 +211,16 @@ def _lora_grad_out_kernel(
 
 @triton.jit
 def _lora_dgrad_kernel(
-    g_ptr, w_ptr, gb_ptr, a_ptr, dx_ptr,
+    g_ptr, w_ptr, gb_ptr, a_ptr, dx_ptr, nf4_code_ptr, nf4_absmax_ptr,
     M, N, K, R, M_BUCKET,
     stride_gm, stride_gn, stride_wn, stride_wk, stride_gbm, stride_gbr, stride_ar, stride_ak, stride_dxm, stride_dxk,
     lora_scale, drop_key, drop_threshold,
-    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, W_NF4: tl.constexpr, NF4_BLOCKSIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """dx[BLOCK_M, BLOCK_K] = g @ W + lora_scale * m * (gb @ A), lora_scale = scaling / (1 - p)."""
+    """dx[BLOCK_M, BLOCK_K] = g @ W + lora_scale * m * (gb @ A), lora_scale = scaling / (1 - p).
+    W_NF4: W is dequantized tile by tile in the main loop (see ``_lora_linear_fwd_kernel``)."""
     pid_m, pid_k = _grouped_pids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -239,7 +250,12 @@ def _lora_dgrad_kernel(
     for n0 in range(0, N, BLOCK_N):
         n_ok = (n0 + rn) < N
         g = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+        if W_NF4:
+            w = nf4_decode_tile(w_ptr, nf4_code_ptr, nf4_absmax_ptr, nf4_absmax_ptr, nf4_code_ptr, nf4_absmax_ptr,
+                                (n0 + rn)[:, None], (rk % K)[None, :], K, n_ok[:, None],
+                                NF4_BLOCKSIZE, False, 1).to(g_ptr.dtype.element_ty)
+        else:
+            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
         acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION)
         g_ptrs += BLOCK_N * stride_gn
         w_ptrs += BLOCK_N * stride_wn
@@ -338,6 +354,57 @@ _DGRAD_CONFIGS = {
         config(4, 2, BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, GROUP_M=8),
     ],
 }
+
+# GEMMs dequantizing an NF4 W in the main loop run for at most NF4_FUSED_MAX_TOKENS rows of x: narrow row tiles.
+# (The decoder's gathers are multi-buffered by the pipeliner: the wide dense tiles need 250-340 KiB of shared
+# memory here.)
+_GEMM_CONFIGS.update({
+    "half-nf4": [
+        config(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+        config(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+        config(4, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        config(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    ],
+    "tf32-nf4": [
+        config(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        config(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+        config(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+        config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+    ],
+    "ieee-nf4": [
+        config(8, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8),
+        config(8, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+        config(8, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
+        config(4, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+    ],
+})
+_DGRAD_CONFIGS.update({
+    "half-nf4": [
+        config(4, 3, BLOCK_M=16, BLOCK_K=64, BLOCK_N=128, GROUP_M=8),
+        config(4, 3, BLOCK_M=16, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
+        config(4, 3, BLOCK_M=32, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
+        config(4, 4, BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, GROUP_M=8),
+        config(8, 3, BLOCK_M=64, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
+        config(4, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, GROUP_M=8),
+    ],
+    "tf32-nf4": [
+        config(4, 3, BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, GROUP_M=8),
+        config(4, 3, BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, GROUP_M=8),
+        config(4, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_N=32, GROUP_M=8),
+        config(4, 3, BLOCK_M=32, BLOCK_K=128, BLOCK_N=32, GROUP_M=8),
+        config(8, 3, BLOCK_M=64, BLOCK_K=128, BLOCK_N=32, GROUP_M=8),
+    ],
+    "ieee-nf4": [
+        config(8, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_N=16, GROUP_M=8),
+        config(8, 2, BLOCK_M=32, BLOCK_K=64, BLOCK_N=32, GROUP_M=8),
+        config(8, 2, BLOCK_M=64, BLOCK_K=32, BLOCK_N=32, GROUP_M=8),
+        config(8, 2, BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, GROUP_M=8),
+        config(4, 2, BLOCK_M=16, BLOCK_K=64, BLOCK_N=32, GROUP_M=8),
+    ],
+})
 
 LORA_DOWN = Launcher(
     _lora_down_kernel,
@@ -454,6 +521,39 @@ def input_precision(t: torch.Tensor) -> str:
     return "ieee"
 
 
+# Token count up to which an NF4 weight is dequantized inside the GEMM main loops (every row block of x decodes
+# its W tiles again, so that work grows with M / BLOCK_M) rather than once into a transient dense buffer read by
+# the dense kernels. 128 = one or two row tiles; a starting point to be tuned on a GPU (benchmarks/README.md).
+NF4_FUSED_MAX_TOKENS = 128
+
+
+def _weight_args(weight, M: int, dtype: torch.dtype) -> dict:
+    """The kernels' W arguments for a dense ``[N, K]`` tensor or an ``NF4Weight``.
+
+    NF4 with at most ``NF4_FUSED_MAX_TOKENS`` rows of x: the packed codes and the decoded fp32 absmax go to the
+    kernels, which dequantize W tile by tile in registers. More rows: one Triton dequantize into a transient
+    buffer (freed after the launch), then the dense path. Both give bit-identical weights."""
+    from fused_lora.nf4 import NF4Weight
+
+    if isinstance(weight, NF4Weight):
+        if M <= NF4_FUSED_MAX_TOKENS and weight.numel < 2**31:
+            absmax = weight.absmax_fp32()
+            return dict(w_ptr=weight.data, nf4_code_ptr=weight.code, nf4_absmax_ptr=absmax, stride_wn=0, stride_wk=0,
+                        W_NF4=True, NF4_BLOCKSIZE=weight.blocksize)
+        weight = dequantize_nf4(weight, dtype)
+    return dict(w_ptr=weight, nf4_code_ptr=weight, nf4_absmax_ptr=weight, stride_wn=weight.stride(0),
+                stride_wk=weight.stride(1), W_NF4=False, NF4_BLOCKSIZE=64)
+
+
+def dequantize_nf4(weight, dtype: torch.dtype) -> torch.Tensor:
+    """``weight.dequantize(dtype)`` with the Triton kernel, whatever the current backend setting."""
+    if weight.nested:
+        return nf4_dequantize(weight.data, weight.code, weight.qabsmax, weight.shape, weight.blocksize, dtype,
+                              absmax2=weight.absmax2, code2=weight.code2, offset=weight.offset,
+                              nested_blocksize=weight.nested_blocksize)
+    return nf4_dequantize(weight.data, weight.code, weight.absmax, weight.shape, weight.blocksize, dtype)
+
+
 def _dropout_args(dropout) -> dict:
     if dropout is None:
         return dict(drop_key=0, drop_threshold=-32768, HAS_DROPOUT=False)
@@ -474,7 +574,8 @@ def lora_forward(
     scaling: float,
     dropout,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward of the fused LoRA linear on 2-D x (any strides). Returns ``(y, xa)``."""
+    """Forward of the fused LoRA linear on 2-D x (any strides); ``weight`` dense or an ``NF4Weight``.
+    Returns ``(y, xa)``."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     BLOCK_R, prec, bucket = block_r(R), input_precision(x), m_bucket(M)
@@ -490,11 +591,13 @@ def lora_forward(
         INPUT_PRECISION=prec, BLOCK_R=BLOCK_R,
     )
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    w_args = _weight_args(weight, M, x.dtype)
     LINEAR_FWD(
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),), family,
-        x_ptr=x, w_ptr=weight, xa_ptr=xa, b_ptr=lora_B, bias_ptr=bias if bias is not None else y, y_ptr=y,
-        M=M, N=N, K=K, R=R, M_BUCKET=bucket,
-        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+        config_family(x.dtype, prec, w_args["W_NF4"]),
+        x_ptr=x, xa_ptr=xa, b_ptr=lora_B, bias_ptr=bias if bias is not None else y, y_ptr=y,
+        M=M, N=N, K=K, R=R, M_BUCKET=bucket, **w_args,
+        stride_xm=x.stride(0), stride_xk=x.stride(1),
         stride_xam=xa.stride(0), stride_xar=xa.stride(1), stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
         stride_ym=y.stride(0), stride_yn=y.stride(1),
         scaling=scaling, HAS_BIAS=bias is not None, INPUT_PRECISION=prec, BLOCK_R=BLOCK_R,
@@ -570,10 +673,12 @@ def lora_backward(
 
     if need_dx:
         dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
+        w_args = _weight_args(weight, M, x.dtype)
         DGRAD(
-            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),), family,
-            g_ptr=g, w_ptr=weight, gb_ptr=gb, a_ptr=lora_A, dx_ptr=dx, M=M, N=N, K=K, R=R, M_BUCKET=bucket,
-            stride_gm=g.stride(0), stride_gn=g.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),),
+            config_family(x.dtype, prec, w_args["W_NF4"]),
+            g_ptr=g, gb_ptr=gb, a_ptr=lora_A, dx_ptr=dx, M=M, N=N, K=K, R=R, M_BUCKET=bucket,
+            **w_args, stride_gm=g.stride(0), stride_gn=g.stride(1),
             stride_gbm=gb.stride(0), stride_gbr=gb.stride(1), stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
             stride_dxm=dx.stride(0), stride_dxk=dx.stride(1),
             lora_scale=lora_scale, **drop, INPUT_PRECISION=prec, BLOCK_R=BLOCK_R,
@@ -592,6 +697,6 @@ def lora_backward(
         da = partial.sum(0).to(lora_A.dtype)
 
     if need_dw:
-        # Only when the user unfroze W: the weight gradient is a plain GEMM with nothing to fuse.
+        # Only when the user unfroze a dense W: the weight gradient is a plain GEMM with nothing to fuse.
         dw = torch.mm(g.t(), x).to(weight.dtype)
     return dx, dw, da, db, dbias

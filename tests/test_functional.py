@@ -245,23 +245,34 @@ def test_every_shipped_config_in_interpreter():
     """Each shipped launch configuration of each kernel gives the torch path's result. Boundary masks, the rank
     loop / rank grid (r = 80: one full 64-wide rank tile and a partial one), grouped ordering and the split-M dA
     reduction are configuration dependent; the shape spans at least two of the largest tiles in every dimension.
-    The other kernels run with their largest tiles meanwhile, which keeps the interpreter fast."""
+    The other kernels run with their largest tiles meanwhile, which keeps the interpreter fast. The "-nf4"
+    tilings run with an NF4 weight and a token count that takes the in-loop dequantization path."""
     import contextlib
 
     from fused_lora.kernels import lora
 
-    M, K, N, r = 136, 264, 260, 80
+    from fused_lora.nf4 import quantize_nf4
+
+    K, N, r = 264, 260, 80
     for launcher in lora.LAUNCHERS:
         for family, configs in launcher.configs.items():
-            dtype = torch.float16 if family == "half" else torch.float32
+            dtype = torch.float16 if family.startswith("half") else torch.float32
+            nf4 = family.endswith("-nf4")  # tilings of the GEMMs that dequantize an NF4 W in their main loop
+            M = lora.NF4_FUSED_MAX_TOKENS - 28 if nf4 else 136
             inp = make_inputs(M, K, N, r, dtype, "cpu")
             grad = inp.pop("grad")
-            ref = outputs_and_grads(_fused("torch", 1.5, 0.2, seed=4), inp, grad)
+            weight = quantize_nf4(inp.pop("weight")) if nf4 else inp.pop("weight")
+
+            def run(backend):
+                fn = _fused(backend, 1.5, 0.2, seed=4)
+                return outputs_and_grads(lambda **t: fn(weight=weight, **t), inp, grad)
+
+            ref = run("torch")
             for cfg in configs:
                 with contextlib.ExitStack() as stack:
                     for other in lora.LAUNCHERS:
                         stack.enter_context(other.forced(cfg if other is launcher else other.configs["half"][0]))
-                    out = outputs_and_grads(_fused("triton", 1.5, 0.2, seed=4), inp, grad)
+                    out = run("triton")
                 for name in out:
                     scale = ref[name].double().abs().max().item()
                     err = (out[name].double() - ref[name].double()).abs().max().item()

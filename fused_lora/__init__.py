@@ -4,21 +4,48 @@ Public API::
 
     fused_lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, training=True, seed=None)
     FusedLoraLinear(in_features, out_features, r=8, lora_alpha=16, lora_dropout=0.0, bias=True, use_rslora=False)
-    FusedLoraLinear.from_linear(linear, r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=False)
+    FusedLoraLinear.from_linear(linear, r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=False,
+                                quantize=None | "nf4", compute_dtype=None)
+    FusedLoraLinear.from_bnb(linear4bit, r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=False, compute_dtype=None)
+    quantize_nf4(weight, blocksize=64, double_quant=True) -> NF4Weight
+    apply_lora(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=False, quantize=None, ...)
+    from_peft(peft_model), merge_and_unload(model), print_trainable_parameters(model)
+    save_adapter(model, path, base_model_name_or_path=None), load_adapter(model, path)
     set_backend("auto" | "triton" | "torch"), use_backend(name), get_backend()
 """
 
 from ._backend import get_backend, set_backend, use_backend
+from .adapters import load_adapter, save_adapter
 from .functional import FusedLoraFunction, fused_lora_linear
-from .layers import FusedLoraLinear
+from .layers import FusedLoraLinear, FusedLoraLinearNF4
+from .model import (
+    apply_lora,
+    from_peft,
+    lora_layers,
+    merge_and_unload,
+    print_trainable_parameters,
+    trainable_parameters_summary,
+)
+from .nf4 import NF4Weight, quantize_nf4
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FusedLoraFunction",
     "FusedLoraLinear",
+    "FusedLoraLinearNF4",
+    "NF4Weight",
+    "apply_lora",
+    "from_peft",
     "fused_lora_linear",
     "get_backend",
+    "load_adapter",
+    "lora_layers",
+    "merge_and_unload",
+    "print_trainable_parameters",
+    "quantize_nf4",
+    "save_adapter",
     "set_backend",
+    "trainable_parameters_summary",
     "use_backend",
 ]

@@ -1,0 +1,487 @@
+"""Adapter files in PEFT's format: ``save_adapter`` / ``load_adapter``.
+
+A directory holds ``adapter_config.json`` (a ``LoraConfig`` as JSON) and ``adapter_model.safetensors`` (metadata
+``{"format": "pt"}``). Tensor keys are PEFT's, without an adapter name:
+
+* ``base_model.model.<module path>.lora_A.weight`` ``[r, in]`` and ``...lora_B.weight`` ``[out, r]``;
+* for each ``modules_to_save`` module, its whole ``state_dict`` as ``base_model.model.<module path>.<key>``
+  (PEFT saves its trained copy under the original module's name).
+
+Files written here load with ``peft.PeftModel.from_pretrained(base, path)``; files written by PEFT's
+``save_pretrained`` (vanilla LoRA on ``nn.Linear`` layers) load here. Nothing is skipped silently: a tensor without a
+layer, a layer without its tensors, a wrong shape, or a config field fused-lora cannot honour is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections import Counter
+from typing import Dict, List, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from .layers import lora_scaling
+from .model import (
+    ALL_LINEAR,
+    META_ATTR,
+    LoraModelMeta,
+    _check_modules_to_save_not_shared,
+    _set_trainability,
+    execute_plan,
+    get_meta,
+    lora_layers,
+    name_matches,
+    pattern_value,
+    plan_lora,
+    resolve_modules_to_save,
+    unwrap_model,
+)
+
+__all__ = ["load_adapter", "save_adapter", "CONFIG_NAME", "SAFETENSORS_NAME", "BIN_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# init_lora_weights values whose adapters are plain LoRA on the unmodified base (others -- pissa, olora, corda,
+# loftq, lora_ga, ... -- change the base weights at initialisation, so the file alone does not reproduce the model).
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+# Config fields that must hold exactly these values (anything else changes what the adapter computes).
+_REQUIRED_VALUES = {
+    "use_dora": (False, None),
+    "fan_in_fan_out": (False, None),
+    "bias": ("none", None),
+    "lora_bias": (False, None),
+    "use_qalora": (False, None),
+    "use_bdlora": (False, None),
+    "ensure_weight_tying": (False, None),
+}
+# Config fields that must be empty / null (features fused-lora does not implement).
+_MUST_BE_EMPTY = (
+    "layer_replication", "layers_to_transform", "layers_pattern", "target_parameters", "trainable_token_indices",
+    "alora_invocation_tokens", "arrow_config", "kasa_config", "monteclora_config", "velora_config", "megatron_config",
+    "loftq_config",
+)
+# Metadata, or settings that only matter for an initialisation that the file's tensors overwrite.
+_IGNORED = (
+    "peft_version", "auto_mapping", "revision", "inference_mode", "megatron_core", "qalora_group_size", "eva_config",
+    "corda_config", "lora_ga_config", "init_lora_weights",
+)
+_USED = (
+    "peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout", "target_modules",
+    "exclude_modules", "use_rslora", "modules_to_save", "rank_pattern", "alpha_pattern",
+)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# save
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _most_common(values):
+    """The most frequent value (ties: the one seen first)."""
+    return Counter(values).most_common(1)[0][0]
+
+
+def _minimal_target_modules(adapted: List[str], others: List[str]) -> Union[List[str], str]:
+    """A ``target_modules`` value selecting exactly ``adapted`` among ``adapted + others`` under PEFT's list rule:
+    for each adapted name, its shortest dot-suffix that no other module name equals or ends with. Falls back to a
+    full-match regex of the escaped names when a list cannot separate them (a name that is a suffix of another)."""
+    def clashes(suffix):
+        return any(o == suffix or o.endswith("." + suffix) for o in others)
+
+    chosen: List[str] = []
+    for name in sorted(adapted):
+        if name_matches(tuple(chosen), name):
+            continue
+        parts = name.split(".")
+        for i in range(len(parts) - 1, -1, -1):
+            suffix = ".".join(parts[i:])
+            if not clashes(suffix):
+                chosen.append(suffix)
+                break
+        else:
+            chosen = None
+            break
+    if chosen is not None and {n for n in adapted + others if name_matches(tuple(chosen), n)} == set(adapted):
+        return sorted(chosen)
+    regex = "(?:" + "|".join(re.escape(n) for n in sorted(adapted)) + ")"
+    assert {n for n in adapted + others if name_matches(regex, n)} == set(adapted)
+    return regex
+
+
+def _patterns(values: Dict[str, object], default) -> Dict[str, object]:
+    """``rank_pattern`` / ``alpha_pattern`` entries for the modules whose value differs from ``default``, keyed by
+    module name (escaped when a plain name would also match another module under PEFT's regex rule); verified by
+    resolving every module with PEFT's lookup."""
+    for escape in (False, True):
+        pattern = {(re.escape(n) if escape else n): v for n, v in values.items() if v != default}
+        if all(pattern_value(pattern, n, default) == v for n, v in values.items()):
+            return pattern
+    raise ValueError(
+        "cannot express the per-layer r / lora_alpha values as a PEFT rank_pattern / alpha_pattern (a module name "
+        f"is a suffix of another): {values}"
+    )
+
+
+def _check_uniform(values: Dict[str, object], what: str):
+    distinct = sorted(set(values.values()), key=repr)
+    if len(distinct) > 1:
+        by_value = {v: [n for n, x in values.items() if x == v][:3] for v in distinct}
+        raise ValueError(f"save_adapter: layers differ in {what} ({by_value}); PEFT's LoraConfig has one {what}")
+    return distinct[0]
+
+
+def _tensor_for_file(t: torch.Tensor, seen: Dict[int, str], key: str) -> torch.Tensor:
+    """Detached, contiguous; cloned when its storage is already used by another saved tensor (safetensors refuses
+    shared storage)."""
+    t = t.detach()
+    if type(t).__name__ == "DTensor":
+        raise ValueError(
+            f"save_adapter: {key} is a sharded DTensor (FSDP2 / tensor parallel); save the adapter from an unsharded "
+            "copy of the model (e.g. gather with torch.distributed.checkpoint's get_model_state_dict(full_state_dict="
+            "True) and load it into one)"
+        )
+    if t.device.type == "meta":
+        raise ValueError(f"save_adapter: {key} is on the meta device (no data)")
+    t = t.contiguous()
+    ptr = t.untyped_storage().data_ptr()
+    if ptr in seen:
+        t = t.clone()
+    else:
+        seen[ptr] = key
+    return t
+
+
+def _json_number(x):
+    return int(x) if isinstance(x, float) and x.is_integer() else x
+
+
+def save_adapter(
+    model: nn.Module,
+    path: PathLike,
+    base_model_name_or_path: Optional[str] = None,
+    task_type: Optional[str] = None,
+) -> None:
+    """Write ``model``'s LoRA adapter to the directory ``path`` (created if needed) in PEFT's format.
+
+    ``adapter_model.safetensors``: each layer's A and B (as stored: same dtype, contiguous), keys
+    ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight``, plus the full state of every
+    ``modules_to_save`` module; metadata ``{"format": "pt"}``.
+
+    ``adapter_config.json``: a complete ``LoraConfig``: ``r`` / ``lora_alpha`` are the most common values over the
+    layers and ``rank_pattern`` / ``alpha_pattern`` list (by module name) the layers that differ; ``target_modules`` is
+    the shortest list of name suffixes that selects exactly the adapted layers in this model (PEFT's list rule),
+    ``use_dora``, ``fan_in_fan_out``, ``lora_bias`` false, ``bias`` "none", ``init_lora_weights`` true.
+    ``base_model_name_or_path`` / ``task_type`` default to what ``from_peft`` / ``load_adapter`` recorded (else the
+    model's ``name_or_path`` / None).
+
+    Raises ``ValueError`` when the layers cannot be described by one ``LoraConfig``: different ``lora_dropout`` or
+    ``use_rslora`` across layers, or a ``scaling`` that is not ``lora_alpha / r`` (``/ sqrt(r)``).
+    Models wrapped by DDP / DataParallel / ``torch.compile`` are unwrapped; module paths are the unwrapped model's.
+    """
+    from safetensors.torch import save_file
+
+    model = unwrap_model(model)
+    layers = list(lora_layers(model))
+    if not layers:
+        raise ValueError(f"save_adapter: {type(model).__name__} has no fused-lora layers")
+    meta = getattr(model, META_ATTR, None) or LoraModelMeta()
+
+    ranks, alphas, dropouts, rslora = {}, {}, {}, {}
+    for name, layer in layers:
+        ranks[name], alphas[name] = layer.r, layer.lora_alpha
+        dropouts[name], rslora[name] = float(layer.lora_dropout), bool(layer.use_rslora)
+        expected = lora_scaling(layer.r, layer.lora_alpha, layer.use_rslora)
+        if not math.isclose(layer.scaling, expected, rel_tol=1e-12, abs_tol=0.0):
+            raise ValueError(
+                f"save_adapter: layer {name!r} has scaling={layer.scaling!r} but r={layer.r}, "
+                f"lora_alpha={layer.lora_alpha}, use_rslora={layer.use_rslora} give {expected!r}; "
+                "a PEFT adapter_config cannot express a changed scaling"
+            )
+    lora_dropout = _check_uniform(dropouts, "lora_dropout")
+    use_rslora = _check_uniform(rslora, "use_rslora")
+    r, lora_alpha = _most_common(ranks.values()), _most_common(alphas.values())
+
+    adapted = [n for n, _ in layers]
+    adapted_set = set(adapted)
+    others = [n for n, _ in model.named_modules() if n and n not in adapted_set]
+    target_modules = _minimal_target_modules(adapted, others)
+
+    tensors: Dict[str, torch.Tensor] = {}
+    seen: Dict[int, str] = {}
+    for name, layer in layers:
+        for part in ("lora_A", "lora_B"):
+            key = f"{PREFIX}{name}.{part}.weight"
+            tensors[key] = _tensor_for_file(getattr(layer, part), seen, key)
+    for name in meta.modules_to_save_names:
+        for k, v in model.get_submodule(name).state_dict().items():
+            key = f"{PREFIX}{name}.{k}"
+            tensors[key] = _tensor_for_file(v, seen, key)
+
+    if base_model_name_or_path is None:
+        base_model_name_or_path = meta.base_model_name_or_path or getattr(model, "name_or_path", None) or None
+    if task_type is None:
+        task_type = meta.task_type
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": int(r),
+        "lora_alpha": _json_number(lora_alpha),
+        "lora_dropout": lora_dropout,
+        "target_modules": target_modules,
+        "exclude_modules": None,
+        "use_rslora": use_rslora,
+        "use_dora": False,
+        "bias": "none",
+        "lora_bias": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": list(meta.modules_to_save) or None,
+        "rank_pattern": _patterns(ranks, r),
+        "alpha_pattern": {k: _json_number(v) for k, v in _patterns(alphas, lora_alpha).items()},
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "layer_replication": None,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "loftq_config": {},
+        "auto_mapping": None if task_type is not None else {
+            "base_model_class": type(model).__name__, "parent_library": type(model).__module__,
+        },
+    }
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# load
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def read_adapter_config(path: PathLike) -> dict:
+    """The validated ``adapter_config.json`` of an adapter directory (errors name the offending field)."""
+    config_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in adapter directory {os.fspath(path)!r}")
+    with open(config_path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    _validate_config(config, config_path)
+    return config
+
+
+def _validate_config(config: dict, where: str) -> None:
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(f"{where}: peft_type={peft_type!r}; only 'LORA' adapters are supported")
+    for key, allowed in _REQUIRED_VALUES.items():
+        if key in config and config[key] not in allowed:
+            raise ValueError(f"{where}: {key}={config[key]!r} is not supported (fused-lora needs {allowed[0]!r})")
+    for key in _MUST_BE_EMPTY:
+        if config.get(key):
+            raise ValueError(f"{where}: {key}={config[key]!r} is not supported (must be null / empty)")
+    init = config.get("init_lora_weights", True)
+    if init not in _PLAIN_INITS:
+        raise ValueError(
+            f"{where}: init_lora_weights={init!r} modifies the base weights at initialisation, so this adapter "
+            "does not apply to the original base model; convert it to plain LoRA first (PEFT's save_pretrained("
+            "path_initial_model_for_weight_conversion=...))"
+        )
+    for key, value in config.items():
+        if key in _USED or key in _IGNORED or key in _REQUIRED_VALUES or key in _MUST_BE_EMPTY:
+            continue
+        if value not in (None, False, {}, [], ""):
+            raise ValueError(f"{where}: unknown LoraConfig field {key}={value!r}; refusing to guess what it means")
+    if config.get("target_modules") is None:
+        raise ValueError(f"{where}: target_modules is null; fused-lora does not guess PEFT's per-architecture default")
+    for key in ("r", "lora_alpha"):
+        if key not in config:
+            raise ValueError(f"{where}: missing field {key!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise ValueError(f"{where}: {key} must be an object {{pattern: value}}, got {config[key]!r}")
+    dropout = config.get("lora_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{where}: lora_dropout={dropout!r} must be a number in [0, 1)")
+
+
+def read_adapter_weights(path: PathLike) -> Dict[str, torch.Tensor]:
+    """The tensors of an adapter directory: ``adapter_model.safetensors``, else ``adapter_model.bin`` (torch)."""
+    st_path, bin_path = os.path.join(path, SAFETENSORS_NAME), os.path.join(path, BIN_NAME)
+    if os.path.isfile(st_path):
+        from safetensors.torch import load_file
+
+        return load_file(st_path, device="cpu")
+    if os.path.isfile(bin_path):
+        state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{bin_path}: expected a dict of tensors")
+        return state
+    raise FileNotFoundError(f"no {SAFETENSORS_NAME} (or {BIN_NAME}) in adapter directory {os.fspath(path)!r}")
+
+
+def _split_keys(tensors: Mapping[str, torch.Tensor], mts_names: List[str], where: str):
+    """``{module: {"lora_A": t, "lora_B": t}}`` and ``{modules_to_save module: {key: t}}``; anything else is an error."""
+    lora: Dict[str, Dict[str, torch.Tensor]] = {}
+    saved: Dict[str, Dict[str, torch.Tensor]] = {n: {} for n in mts_names}
+    for key, t in tensors.items():
+        if not key.startswith(PREFIX):
+            raise ValueError(f"{where}: unexpected key {key!r} (PEFT LoRA keys start with {PREFIX!r})")
+        rest = key[len(PREFIX):]
+        owner = next((n for n in mts_names if rest.startswith(n + ".")), None)
+        if owner is not None:
+            saved[owner][rest[len(owner) + 1:]] = t
+            continue
+        for part, suffix in (("lora_A", LORA_SUFFIXES[0]), ("lora_B", LORA_SUFFIXES[1])):
+            if rest.endswith(suffix):
+                lora.setdefault(rest[: -len(suffix)], {})[part] = t
+                break
+        else:
+            hint = ""
+            if "lora_magnitude_vector" in rest:
+                hint = " (a DoRA magnitude vector)"
+            elif "lora_embedding" in rest:
+                hint = " (an Embedding LoRA layer)"
+            elif rest.endswith(".lora_B.bias"):
+                hint = " (lora_bias)"
+            raise ValueError(f"{where}: unexpected key {key!r}{hint}: not a LoRA A/B of a Linear layer")
+    return lora, saved
+
+
+def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True) -> nn.Module:
+    """Load the adapter in directory ``path`` (written by :func:`save_adapter` or PEFT's ``save_pretrained``) into
+    ``model``, in place; returns ``model``.
+
+    * If ``model`` has no fused-lora layers yet, they are created first with :func:`~fused_lora.model.apply_lora` from
+      the config (``target_modules``, ``exclude_modules``, ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``,
+      ``rank_pattern``, ``alpha_pattern``, ``modules_to_save``) -- the modules PEFT would adapt.
+    * If it has some, they must be exactly the modules the file holds tensors for, with the config's ``r``,
+      ``lora_alpha`` and ``use_rslora`` (their ``lora_dropout`` is kept: it does not change outputs);
+      ``modules_to_save`` are resolved on the model.
+
+    Every LoRA layer receives the file's A and B (copied; rounded if the layer's dtype differs, with a warning).
+    ``modules_to_save`` modules receive their full saved state. Afterwards A, B and the ``modules_to_save`` parameters
+    have ``requires_grad=is_trainable``; everything else is frozen.
+
+    Errors (before the model is modified) name the key or field: a layer without its tensors (missing key), a tensor
+    for no layer (unexpected key), a shape that does not match, a config fused-lora cannot honour (``peft_type`` other
+    than LORA, ``use_dora``, ``fan_in_fan_out``, ``lora_bias``, ``bias`` other than "none", ``layer_replication``,
+    ``layers_to_transform``, non-plain ``init_lora_weights``, unknown fields with non-default values, ...).
+    """
+    model = unwrap_model(model)
+    config = read_adapter_config(path)
+    tensors = read_adapter_weights(path)
+    where = os.fspath(path)
+    r, lora_alpha = config["r"], config["lora_alpha"]
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    use_rslora = bool(config.get("use_rslora", False))
+    mts = list(config.get("modules_to_save") or [])
+
+    existing = dict(lora_layers(model))
+    plan = None
+    if existing:
+        mts_names = resolve_modules_to_save(model, mts) if mts else []
+        if mts_names:
+            _check_modules_to_save_not_shared(model, mts_names)
+        shapes = {n: (tuple(l.lora_A.shape), tuple(l.lora_B.shape)) for n, l in existing.items()}
+        for name, layer in existing.items():
+            want_r = pattern_value(rank_pattern, name, r)
+            want_alpha = pattern_value(alpha_pattern, name, lora_alpha)
+            want_scaling = lora_scaling(want_r, want_alpha, use_rslora)
+            if (layer.r, float(layer.lora_alpha), bool(layer.use_rslora)) != (want_r, float(want_alpha), use_rslora) \
+                    or not math.isclose(layer.scaling, want_scaling, rel_tol=1e-12, abs_tol=0.0):
+                raise ValueError(
+                    f"{where}: layer {name!r} has r={layer.r}, lora_alpha={layer.lora_alpha}, "
+                    f"use_rslora={layer.use_rslora}, scaling={layer.scaling} but the adapter config gives r={want_r}, "
+                    f"lora_alpha={want_alpha}, use_rslora={use_rslora}, scaling={want_scaling}"
+                )
+    else:
+        target_modules = config["target_modules"]
+        if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+            target_modules = ALL_LINEAR
+        plan = plan_lora(
+            model, target_modules, r=r, lora_alpha=lora_alpha, lora_dropout=float(config.get("lora_dropout", 0.0)),
+            use_rslora=use_rslora, modules_to_save=mts or None, exclude_modules=config.get("exclude_modules"),
+            rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+        )
+        mts_names = plan.modules_to_save_names
+        shapes = {
+            t.name: ((t.r, t.module.in_features), (t.module.out_features, t.r)) for t in plan.targets
+        }
+
+    lora, saved = _split_keys(tensors, mts_names, where)
+    missing = [f"{PREFIX}{n}.{part}.weight" for n in shapes for part in ("lora_A", "lora_B")
+               if part not in lora.get(n, {})]
+    if missing:
+        raise ValueError(f"{where}: missing tensors for adapted layers: {missing[:6]}"
+                         + (f" (+{len(missing) - 6} more)" if len(missing) > 6 else ""))
+    unexpected = [f"{PREFIX}{n}.{part}.weight" for n in lora if n not in shapes for part in lora[n]]
+    if unexpected:
+        raise ValueError(
+            f"{where}: unexpected tensors (no such LoRA layer in the model, given target_modules="
+            f"{config['target_modules']!r}): {unexpected[:6]}" + (" ..." if len(unexpected) > 6 else "")
+        )
+    for name, (shape_a, shape_b) in shapes.items():
+        for part, shape in (("lora_A", shape_a), ("lora_B", shape_b)):
+            got = tuple(lora[name][part].shape)
+            if got != shape:
+                raise ValueError(f"{where}: {PREFIX}{name}.{part}.weight has shape {list(got)}, the layer expects "
+                                 f"{list(shape)}")
+    for name, state in saved.items():
+        module_state = model.get_submodule(name).state_dict()
+        want, have = set(module_state), set(state)
+        if want != have:
+            raise ValueError(
+                f"{where}: modules_to_save {name!r}: missing {sorted(want - have)}, unexpected {sorted(have - want)}"
+            )
+        for k, t in state.items():
+            if t.shape != module_state[k].shape:
+                raise ValueError(f"{where}: {PREFIX}{name}.{k} has shape {list(t.shape)}, the module expects "
+                                 f"{list(module_state[k].shape)}")
+
+    if plan is not None:
+        execute_plan(model, plan)
+    meta = get_meta(model)
+    meta.modules_to_save += [m for m in mts if m not in meta.modules_to_save]
+    meta.modules_to_save_names += [n for n in mts_names if n not in meta.modules_to_save_names]
+    meta.task_type = config.get("task_type")
+    meta.base_model_name_or_path = config.get("base_model_name_or_path")
+
+    cast = set()
+    with torch.no_grad():
+        for name, layer in lora_layers(model):
+            for part in ("lora_A", "lora_B"):
+                src, dst = lora[name][part], getattr(layer, part)
+                if src.dtype != dst.dtype:
+                    cast.add((src.dtype, dst.dtype))
+                dst.copy_(src)
+        for name, state in saved.items():
+            module = model.get_submodule(name)
+            cast.update((t.dtype, module_state_t.dtype) for k, t in state.items()
+                        for module_state_t in (module.state_dict()[k],) if t.dtype != module_state_t.dtype)
+            module.load_state_dict(state, strict=True)
+    if cast:
+        warnings.warn(f"load_adapter: adapter tensors were cast to the layers' dtype ({sorted(map(str, cast))})",
+                      stacklevel=2)
+    _set_trainability(model, meta, adapters_trainable=is_trainable)
+    return model

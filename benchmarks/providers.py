@@ -79,12 +79,52 @@ def build_naive_compiled(K, N, r, p, dtype, device):
     return torch.compile(build_naive(K, N, r, p, dtype, device))
 
 
+def _bnb_linear4bit(K, N, dtype, device):
+    """The frozen base as a bitsandbytes NF4 Linear4bit (double quantization: QLoRA's setting), same weights."""
+    import bitsandbytes as bnb
+
+    dense = _frozen_linear(K, N, dtype, "cpu")
+    lin = bnb.nn.Linear4bit(K, N, bias=True, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
+    lin.weight = bnb.nn.Params4bit(dense.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+                                   compress_statistics=True, module=lin)
+    lin.bias = nn.Parameter(dense.bias.detach().clone(), requires_grad=False)
+    return lin.to(device)  # moving an unquantized Params4bit to a device quantizes it
+
+
+def build_fused_nf4(K, N, r, p, dtype, device):
+    layer = FusedLoraLinear.from_bnb(_bnb_linear4bit(K, N, dtype, device), r=r, lora_alpha=2 * r, lora_dropout=p,
+                                     compute_dtype=dtype)
+    a, b = _adapter_values(K, N, r, dtype, device)
+    with torch.no_grad():
+        layer.lora_A.copy_(a)
+        layer.lora_B.copy_(b)
+    return layer
+
+
+def build_peft_nf4(K, N, r, p, dtype, device):
+    import peft
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p)
+    layer = PeftLinear4bit(_bnb_linear4bit(K, N, dtype, device), "default", config=cfg, r=r, lora_alpha=2 * r,
+                           lora_dropout=p)
+    a, b = _adapter_values(K, N, r, dtype, device)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(a)
+        layer.lora_B["default"].weight.copy_(b)
+    layer.lora_A["default"].to(dtype)
+    layer.lora_B["default"].to(dtype)
+    return layer
+
+
 PROVIDERS: Dict[str, Callable] = {
     "fused": build_fused,
     "peft": build_peft,
     "naive": build_naive,
     "naive+compile": build_naive_compiled,
     "base": build_base,
+    "fused-nf4": build_fused_nf4,
+    "peft-nf4": build_peft_nf4,
 }
 
 

@@ -81,21 +81,26 @@ def useful_flops(shape: Shape, mode: str) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+DENSE = ("fused", "peft", "naive", "naive+compile", "base")
+QLORA = ("fused-nf4", "peft-nf4", "base")
+
+
 def cpu_default() -> List[Tuple[Shape, Tuple[str, ...], Tuple[str, ...]]]:
     """About 3 minutes on 2 cores: the goal shape (2048 tokens, 1024 x 1024, r = 16) in fp32 and bf16, plus 512
-    tokens in fp32 for the token axis of the plots. PyTorch's bf16 GEMMs are very slow on CPUs without AVX512-BF16
-    (seconds per call), so bf16 runs only the goal providers and the full mode."""
-    full_set = ("fused", "peft", "naive", "base")
+    tokens in fp32 for the token axis of the plots, and a QLoRA row (NF4 base, fp32 compute). PyTorch's bf16 GEMMs
+    are very slow on CPUs without AVX512-BF16 (seconds per call), so bf16 runs only the goal providers and the full
+    mode; torch.compile (about 20 s per compilation here) only at the goal shape."""
     out = []
     for p in (0.0, 0.1):
-        out.append((Shape(512, 1024, 1024, 16, p, torch.float32), full_set, MODES))
-        out.append((Shape(2048, 1024, 1024, 16, p, torch.float32), full_set + ("naive+compile",), MODES))
+        out.append((Shape(512, 1024, 1024, 16, p, torch.float32), ("fused", "peft", "naive", "base"), MODES))
+        out.append((Shape(2048, 1024, 1024, 16, p, torch.float32), DENSE, MODES))
         out.append((Shape(2048, 1024, 1024, 16, p, torch.bfloat16), ("fused", "peft", "base"), ("full",)))
+    out.append((Shape(512, 1024, 1024, 16, 0.1, torch.float32), QLORA, MODES))
     return out
 
 
 def cpu_full() -> List[Tuple[Shape, Tuple[str, ...], Tuple[str, ...]]]:
-    everything = tuple(PROVIDERS)
+    everything = DENSE + QLORA[:2]
     out = []
     for dtype in (torch.float32, torch.bfloat16):
         for tokens in (256, 512, 1024, 2048, 4096):
@@ -106,16 +111,23 @@ def cpu_full() -> List[Tuple[Shape, Tuple[str, ...], Tuple[str, ...]]]:
 
 
 def gpu_default() -> List[Tuple[Shape, Tuple[str, ...], Tuple[str, ...]]]:
-    """The LLM shapes of the README's GPU table (bf16)."""
-    everything = tuple(PROVIDERS)
+    """The LLM shapes (bf16): 4096 x 4096, 4096 x 11008 and 8192 x 8192 at 512 to 16384 tokens, r = 16, p in
+    {0, 0.1}; a rank sweep (8, 64) and torch.compile at the headline shape (8192 tokens, 4096 x 4096); QLoRA also at
+    16 and 128 tokens (decode-like, where dequantizing inside the GEMM pays off)."""
+    bf16 = torch.bfloat16
     out = []
     for K, N in ((4096, 4096), (4096, 11008), (8192, 8192)):
         for tokens in (512, 2048, 8192, 16384):
-            for r in (8, 16, 64):
-                for p in (0.0, 0.1):
-                    if r != 16 and (K, N) != (4096, 4096):
-                        continue  # the rank sweep on the square shape only
-                    out.append((Shape(tokens, K, N, r, p, torch.bfloat16), everything, MODES))
+            headline = (K, N, tokens) == (4096, 4096, 8192)
+            providers = DENSE if headline else tuple(p for p in DENSE if p != "naive+compile")
+            for p in (0.0, 0.1):
+                out.append((Shape(tokens, K, N, 16, p, bf16), providers + QLORA[:2], MODES))
+    for r in (8, 64):
+        for p in (0.0, 0.1):
+            out.append((Shape(8192, 4096, 4096, r, p, bf16), ("fused", "peft", "base"), MODES))
+    for tokens in (16, 128):
+        for p in (0.0, 0.1):
+            out.append((Shape(tokens, 4096, 4096, 16, p, bf16), QLORA, MODES))
     return out
 
 

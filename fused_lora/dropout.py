@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -52,9 +53,10 @@ def mix32(value: int) -> int:
     return value
 
 
-def _mix32_(h: torch.Tensor) -> torch.Tensor:
-    """lowbias32 in place on an int32 tensor (wrapping multiply; logical shifts = arithmetic shift + mask)."""
-    t = torch.bitwise_right_shift(h, 16)
+def _mix32_(h: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """lowbias32 in place on an int32 tensor (wrapping multiply; logical shifts = arithmetic shift + mask).
+    ``scratch``: an int32 buffer of h's size to reuse (fresh large allocations cost page faults on CPU)."""
+    t = torch.bitwise_right_shift(h, 16, out=scratch) if scratch is not None else torch.bitwise_right_shift(h, 16)
     h.bitwise_xor_(t.bitwise_and_(0xFFFF))
     h.mul_(MIX_MUL_1)
     torch.bitwise_right_shift(h, 15, out=t)
@@ -110,22 +112,27 @@ class Dropout:
         """The factor applied to kept elements, ``1 / (1 - p)``."""
         return 1.0 / (1.0 - self.p)
 
-    def keep_mask(self, rows: int, cols: int, device, row_start: int = 0) -> torch.Tensor:
-        """Boolean ``[rows, cols]`` mask of the kept elements of rows ``row_start .. row_start + rows`` of a
-        ``[*, cols]`` input."""
-        out = torch.empty((rows, cols), dtype=torch.bool, device=device)
+    def keep_mask(self, rows: int, cols: int, device, row_start: int = 0, dtype: torch.dtype = torch.bool
+                  ) -> torch.Tensor:
+        """``[rows, cols]`` mask of the kept elements of rows ``row_start .. row_start + rows`` of a ``[*, cols]``
+        input: True / 1 where kept. ``dtype`` other than bool gives a 0/1 multiplier in that dtype, which costs
+        less to apply than a bool mask (same-dtype element-wise ops vectorize; mixed ones do not)."""
+        out = torch.empty((rows, cols), dtype=dtype, device=device)
         if rows == 0 or cols == 0:
             return out
         half = (cols + 1) // 2
         chunk_rows = max(1, _CHUNK_DRAWS // half)
+        # Chunks of rows, hashed in three reused int32 buffers (cache-sized: no allocation per chunk).
         counters = torch.arange(min(rows, chunk_rows) * half, dtype=torch.int32, device=device)
+        h_buf, scratch = torch.empty_like(counters), torch.empty_like(counters)
         key, threshold = self.key, self.threshold
         for r0 in range(0, rows, chunk_rows):
             n_rows = min(chunk_rows, rows - r0)
+            n = n_rows * half
             # counter(m, k) = m * half + k // 2 (mod 2**32), for m = row_start + r0 + local row
-            h = counters[: n_rows * half].add(_as_int32((row_start + r0) * half))
+            h = torch.add(counters[:n], _as_int32((row_start + r0) * half), out=h_buf[:n])
             h.bitwise_xor_(key)
-            _mix32_(h)
+            _mix32_(h, scratch[:n])
             halves = h.view(torch.int16).view(n_rows, 2 * half)[:, :cols]
             torch.ge(halves, threshold, out=out[r0 : r0 + n_rows])
         return out

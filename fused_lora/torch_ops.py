@@ -21,6 +21,7 @@ import functools
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .dropout import Dropout
 from .nf4 import NF4Weight
@@ -68,20 +69,43 @@ def lora_forward(
     """``y = x @ W^T + scaling * xa @ B^T + bias`` with ``xa = D(x) @ A^T``, for 2-D x; ``weight`` dense or an
     ``NF4Weight``. Returns ``(y, xa)``."""
     dtype, cdt = x.dtype, compute_dtype(x)
-    xc, wc, ac, bc = x.to(cdt), dense_weight(weight, dtype).to(cdt), lora_A.to(cdt), lora_B.to(cdt)
+    xc, wc, ac = x.to(cdt), dense_weight(weight, dtype).to(cdt), lora_A.to(cdt)
 
     if dropout is None:
-        xa = torch.mm(xc, ac.t())
+        xa = F.linear(xc, ac)
     else:
-        keep = dropout.keep_mask(x.shape[0], x.shape[1], x.device)
-        xa = torch.mm(xc * keep, ac.t()).mul_(dropout.scale)
+        # the 0/1 mask in the compute dtype, turned into the masked x in place (one M x K buffer, not two)
+        xd = dropout.keep_mask(x.shape[0], x.shape[1], x.device, dtype=cdt).mul_(xc)
+        xa = F.linear(xd, ac).mul_(dropout.scale)
+        del xd
     # xa is kept in the activation dtype (it is saved for backward); the up-projection uses the rounded
     # value, exactly as the Triton kernels do.
     xa = xa.to(dtype)
 
-    y = torch.mm(xc, wc.t()) if bias is None else torch.addmm(bias.to(cdt), xc, wc.t())
-    y.addmm_(xa.to(cdt), bc.t(), alpha=scaling)
+    y = F.linear(xc, wc, None if bias is None else bias.to(cdt))
+    y.addmm_(xa.to(cdt), _transposed(lora_B, cdt), alpha=scaling)
     return y.to(dtype), xa
+
+
+# Rows per step of the masked LoRA term of dx: the [rows, K] product stays in one cache-sized buffer instead of
+# a fresh M x K tensor (whose first touch costs page faults comparable to the product itself on CPU).
+_MASKED_PRODUCT_ROWS = 256
+
+
+def _add_masked_product_(dx, gb, a, keep, alpha) -> None:
+    """``dx += alpha * keep * (gb @ a)`` in row blocks through one reused buffer."""
+    rows = max(1, min(_MASKED_PRODUCT_ROWS, dx.shape[0]))
+    buf = torch.empty((rows, dx.shape[1]), dtype=dx.dtype, device=dx.device)
+    for r0 in range(0, dx.shape[0], rows):
+        r1 = min(r0 + rows, dx.shape[0])
+        prod = torch.mm(gb[r0:r1], a, out=buf[: r1 - r0])
+        dx[r0:r1].addcmul_(prod, keep[r0:r1], value=alpha)
+
+
+def _transposed(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous transpose of a small matrix (A or B): the thin LoRA GEMMs run 20-40% faster on CPU BLAS with
+    the rank dimension contiguous (measured: x @ A^T, g @ B, B-update of y, 2048 x 1024 x 16 in fp32)."""
+    return t.to(dtype).t().contiguous()
 
 
 def lora_backward(
@@ -103,8 +127,8 @@ def lora_backward(
 
     if need_dx or need_da:
         # gb = g @ B, rounded to the activation dtype like the kernels' stored gb.
-        gb = torch.mm(g, lora_B.to(cdt)).to(dtype).to(cdt)
-        keep = None if dropout is None else dropout.keep_mask(x.shape[0], x.shape[1], x.device)
+        gb = F.linear(g, _transposed(lora_B, cdt)).to(dtype).to(cdt)
+        keep = None if dropout is None else dropout.keep_mask(x.shape[0], x.shape[1], x.device, dtype=cdt)
         lora_scale = scaling if dropout is None else scaling * dropout.scale
         ac = lora_A.to(cdt)
         if need_dx:
@@ -112,14 +136,15 @@ def lora_backward(
             if keep is None:
                 dx.addmm_(gb, ac, alpha=scaling)
             else:
-                dx.add_(torch.mm(gb, ac).mul_(keep), alpha=lora_scale)
+                _add_masked_product_(dx, gb, ac, keep, lora_scale)
             dx = dx.to(dtype)
         if need_da:
             xc = x.to(cdt)
-            xd = xc if keep is None else xc * keep
-            da = torch.mm(gb.t(), xd).mul_(lora_scale).to(lora_A.dtype)
+            xd = xc if keep is None else keep.mul_(xc)  # the mask is not needed after this: reuse its buffer
+            da = torch.mm(_transposed(gb, cdt), xd).mul_(lora_scale).to(lora_A.dtype)
     if need_db:
-        db = torch.mm(g.t(), xa.to(cdt)).mul_(scaling).to(lora_B.dtype)
+        # (xa^T g)^T: with xa^T contiguous this layout is faster than g^T xa on CPU BLAS
+        db = torch.mm(_transposed(xa, cdt), g).mul_(scaling).t().contiguous().to(lora_B.dtype)
     if need_dbias:
         dbias = g.sum(0).to(dtype)
     if need_dw:

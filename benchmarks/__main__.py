@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     parser.add_argument("--full", action="store_true", help="the long CPU shape set")
     parser.add_argument("--providers", nargs="*", help=f"subset of {', '.join(suite.PROVIDERS)}")
     parser.add_argument("--modes", nargs="*", choices=suite.MODES)
+    parser.add_argument("--tokens", nargs="*", type=int, help="only shapes with these token counts")
+    parser.add_argument("--dtypes", nargs="*", choices=("float32", "float16", "bfloat16"), help="only these dtypes")
     parser.add_argument("--budget", type=float, default=1.0, help="CPU seconds of timing per case (min 3 runs)")
     parser.add_argument("--out", default=RESULTS_DIR, help="directory of the CSV and the plots")
     parser.add_argument("--no-plots", action="store_true")
@@ -41,6 +43,8 @@ def main(argv=None) -> int:
         plan = suite.gpu_default()
     else:
         plan = suite.cpu_full() if ns.full else suite.cpu_default()
+    plan = [entry for entry in plan
+            if (not ns.tokens or entry[0].tokens in ns.tokens) and (not ns.dtypes or entry[0].dtype_name in ns.dtypes)]
     cases = suite.cases_for(plan, ns.providers, ns.modes)
     label = report.device_name(device)
     print(f"fused-lora benchmarks on {label}: {len(cases)} cases ({report.library_versions()})", flush=True)

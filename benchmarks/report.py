@@ -74,28 +74,23 @@ def _key(m: Measurement):
 
 
 def table(measurements: List[Measurement]) -> str:
-    """One line per case: median time, TFLOP/s, memory, and the time ratio to ``peft`` and to ``base`` measured in the
-    same run (``base`` does not depend on p or r: its row with the same shape, dtype and mode is used)."""
+    """One line per case: median time, TFLOP/s, memory, and the time ratio to ``peft`` and to ``base`` timed in the
+    same interleaved group (same shape, dtype, r, p and mode)."""
     by_key: Dict[tuple, Dict[str, Measurement]] = defaultdict(dict)
     for m in measurements:
         by_key[_key(m)][m.case.provider] = m
-    base_by = {}
-    for m in measurements:
-        if m.case.provider == "base":
-            s = m.case.shape
-            base_by[(s.label, s.dtype_name, m.case.mode)] = m
 
     head = ["shape MxKxN", "dtype", "r", "p", "mode", "provider", "ms p50", "p20-p80", "TFLOP/s", "saved MiB",
-            "peak MiB", "vs peft", "vs base"]
+            "peak MiB", "vs peft", "vs base"]  # "vs peft": vs peft-nf4 for the NF4 rows
     lines = [head]
     for key in sorted(by_key, key=lambda k: (k[1], int(k[0].split("x")[0]), k[0], k[2], k[3], k[4])):
         group = by_key[key]
         label, dtype, r, p, mode = key
-        peft = group.get("peft")
-        base = base_by.get((label, dtype, mode))
+        base = group.get("base")
         for provider in sorted(group, key=_provider_order):
             m = group[provider]
             t20, t50, t80 = m.time_ms
+            peft = group.get(peft_counterpart(provider))
             ratio_peft = f"{t50 / peft.time_ms[1]:.2f}x" if peft else "-"
             ratio_base = f"{t50 / base.time_ms[1]:.2f}x" if base else "-"
             lines.append([label, dtype, str(r), f"{p:g}", mode, provider, f"{t50:.3f}", f"{t20:.3f}-{t80:.3f}",
@@ -109,6 +104,11 @@ def table(measurements: List[Measurement]) -> str:
 
 
 _ORDER = ["fused", "fused-nf4", "peft", "peft-nf4", "naive", "naive+compile", "base"]
+
+
+def peft_counterpart(provider: str) -> str:
+    """The PEFT provider a row is compared with: PEFT on bitsandbytes for the NF4 providers, plain PEFT otherwise."""
+    return "peft-nf4" if provider.endswith("-nf4") else "peft"
 
 
 def _provider_order(name: str) -> int:
@@ -133,9 +133,9 @@ def plot(measurements: List[Measurement], out_dir: str, device_label: str) -> Li
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for (provider, kn, dtype, r, p), points in sorted(series.items()):
-        if provider == "peft":
+        if provider.startswith("peft"):
             continue
-        ref = series.get(("peft", kn, dtype, r, p))
+        ref = series.get((peft_counterpart(provider), kn, dtype, r, p))
         if not ref:
             continue
         tokens = sorted(t for t in points if t in ref)
@@ -146,7 +146,7 @@ def plot(measurements: List[Measurement], out_dir: str, device_label: str) -> Li
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens (M)")
-    ax.set_ylabel("speed-up over peft (forward+backward, p50)")
+    ax.set_ylabel("speed-up over PEFT (peft-nf4 for NF4; forward+backward, p50)")
     ax.set_title(f"fused-lora vs PEFT: {device_label}")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -93,10 +93,11 @@ def copy_peft_adapters_into_ours(peft_model, ours):
             layer.lora_B.copy_(theirs.lora_B["default"].weight)
 
 
-def train(model, batch, steps, lr=1e-2):
-    """AdamW on the trainable parameters, causal-LM loss on a fixed batch; returns the per-step losses."""
+def train(model, batch, steps, lr=1e-2, optimizer=torch.optim.AdamW):
+    """``optimizer`` (AdamW) on the trainable parameters, causal-LM loss on a fixed batch; returns the per-step
+    losses."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
+    opt = optimizer(params, lr=lr)
     model.train()
     losses = []
     for _ in range(steps):
@@ -261,16 +262,27 @@ def test_apply_lora_refuses_conv1d_and_tied_modules_to_save():
 # ------------------------------------------------------------------------------------------------ training parity
 
 
-def test_training_matches_peft_without_dropout(llama):
-    """Same initial A (PEFT's kaiming draw), B = 0, AdamW fp32: per-step losses and final A, B equal PEFT's."""
+@pytest.mark.parametrize("optimizer", [torch.optim.AdamW, torch.optim.SGD])
+def test_training_matches_peft_without_dropout(llama, optimizer):
+    """Same initial A (PEFT's kaiming draw), B = 0, fp32: per-step losses equal PEFT's (AdamW and SGD); with SGD the
+    final A, B too.
+
+    Final parameters are compared after SGD only: its update is linear in the gradient, so parameter differences
+    stay at the fp32 rounding level of the gradients (FP32_RTOL). Adam divides each update by the gradient's own
+    magnitude, which turns rounding-level differences of near-zero gradient entries (B starts at 0) into
+    differences of up to the learning rate: a tolerance for that would be meaningless, the losses are the check.
+    """
     theirs = peft_lora(copy.deepcopy(llama), target_modules=LLAMA_TARGETS, r=8, lora_alpha=16, lora_dropout=0.0)
     ours = apply_lora(copy.deepcopy(llama), LLAMA_TARGETS, r=8, lora_alpha=16, lora_dropout=0.0)
     copy_peft_adapters_into_ours(theirs, ours)
     batch = tokens()
-    peft_losses = train(theirs, batch, steps=5)
-    our_losses = train(ours, batch, steps=5)
+    lr = 1e-2 if optimizer is torch.optim.AdamW else 2.0
+    peft_losses = train(theirs, batch, steps=5, lr=lr, optimizer=optimizer)
+    our_losses = train(ours, batch, steps=5, lr=lr, optimizer=optimizer)
     assert_losses_close(our_losses, peft_losses)
     assert our_losses[-1] < our_losses[0] - 0.05  # the adapters learned something: the comparison is not vacuous
+    if optimizer is not torch.optim.SGD:
+        return
     root = theirs.base_model.model
     for name, layer in lora_layers(ours):
         theirs_layer = root.get_submodule(name)

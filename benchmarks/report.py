@@ -115,60 +115,72 @@ def _provider_order(name: str) -> int:
     return _ORDER.index(name) if name in _ORDER else len(_ORDER)
 
 
+def _panels(measurements: List[Measurement]):
+    """Forward+backward rows grouped into plot panels by (K x N, dtype, r, p), each {provider: {tokens: m}}.
+    Panels with a single token count are left out (nothing to plot along the token axis)."""
+    panels = defaultdict(lambda: defaultdict(dict))
+    for m in measurements:
+        if m.case.mode != "full":
+            continue
+        s = m.case.shape
+        panels[(f"{s.in_features}x{s.out_features}", s.dtype_name, s.r, s.p)][m.case.provider][s.tokens] = m
+    return {k: v for k, v in sorted(panels.items())
+            if len({t for points in v.values() for t in points}) > 1}
+
+
 def plot(measurements: List[Measurement], out_dir: str, device_label: str) -> List[str]:
-    """PNG plots: speed-up over peft vs tokens (full fwd+bwd, one line per provider and shape/dtype/p) and bytes
-    saved for backward vs tokens. Returns the paths written."""
+    """PNG plots along the token axis, one panel per (K x N, dtype, r, p): the speed-up of each provider over its
+    PEFT counterpart (forward+backward, p50; log scale) and the bytes saved for backward. Returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     os.makedirs(out_dir, exist_ok=True)
-    full = [m for m in measurements if m.case.mode == "full"]
-    series = defaultdict(dict)  # (provider, K x N, dtype, r, p) -> tokens -> measurement
-    for m in full:
-        s = m.case.shape
-        series[(m.case.provider, f"{s.in_features}x{s.out_features}", s.dtype_name, s.r, s.p)][s.tokens] = m
+    panels = _panels(measurements)
+    if not panels:
+        return []
+    n = len(panels)
+    cols = min(n, 3)
+    rows = -(-n // cols)
     paths = []
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for (provider, kn, dtype, r, p), points in sorted(series.items()):
-        if provider.startswith("peft"):
-            continue
-        ref = series.get((peft_counterpart(provider), kn, dtype, r, p))
-        if not ref:
-            continue
-        tokens = sorted(t for t in points if t in ref)
-        if len(tokens) < 1:
-            continue
-        speedup = [ref[t].time_ms[1] / points[t].time_ms[1] for t in tokens]
-        ax.plot(tokens, speedup, marker="o", label=f"{provider} {kn} {dtype} r={r} p={p:g}")
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("tokens (M)")
-    ax.set_ylabel("speed-up over PEFT (peft-nf4 for NF4; forward+backward, p50)")
-    ax.set_title(f"fused-lora vs PEFT: {device_label}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "speedup_vs_tokens.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    paths.append(path)
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for (provider, kn, dtype, r, p), points in sorted(series.items()):
-        tokens = sorted(points)
-        ax.plot(tokens, [points[t].saved_mib for t in tokens], marker="o",
-                label=f"{provider} {kn} {dtype} r={r} p={p:g}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("tokens (M)")
-    ax.set_ylabel("MiB saved for backward (parameters excluded)")
-    ax.set_title(f"activation memory: {device_label}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "saved_memory_vs_tokens.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    paths.append(path)
+    for kind in ("speedup", "memory"):
+        fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+        for ax, ((kn, dtype, r, p), providers) in zip(axes.flat, panels.items()):
+            for provider in sorted(providers, key=_provider_order):
+                points = providers[provider]
+                if kind == "speedup":
+                    ref = providers.get(peft_counterpart(provider))
+                    if provider.startswith("peft") or not ref:
+                        continue
+                    tokens = sorted(t for t in points if t in ref)
+                    values = [ref[t].time_ms[1] / points[t].time_ms[1] for t in tokens]
+                else:
+                    tokens = sorted(points)
+                    values = [max(points[t].saved_mib, 1e-3) for t in tokens]
+                ax.plot(tokens, values, marker="o", label=provider, color=f"C{_provider_order(provider)}")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            for axis in (ax.yaxis,):
+                axis.set_major_formatter(ScalarFormatter())
+                axis.set_minor_formatter(ScalarFormatter())
+            if kind == "speedup":
+                ax.axhline(1.0, color="grey", lw=0.8)
+                ax.set_ylabel("speed-up over PEFT (x)")
+            else:
+                ax.set_ylabel("MiB saved for backward")
+            ax.set_xlabel("tokens (M)")
+            ax.set_title(f"{kn} {dtype} r={r} p={p:g}", fontsize=9)
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[n:]:
+            ax.axis("off")
+        what = ("forward+backward speed-up over PEFT (peft-nf4 for the NF4 rows), p50" if kind == "speedup"
+                else "activation memory saved for backward (parameters excluded)")
+        fig.suptitle(f"{what}\n{device_label}", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "speedup_vs_tokens.png" if kind == "speedup" else "saved_memory_vs_tokens.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
     return paths

@@ -18,8 +18,9 @@ class NaiveLora(nn.Module):
     def __init__(self, base: nn.Linear, r: int, lora_alpha: float, lora_dropout: float):
         super().__init__()
         self.base = base
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, dtype=base.weight.dtype, device=base.weight.device))
+        factory = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, **factory))
         self.dropout = nn.Dropout(lora_dropout)
         self.scaling = lora_alpha / r
 
@@ -33,11 +34,14 @@ def _frozen_linear(K, N, dtype, device, seed=0) -> nn.Linear:
     return base.requires_grad_(False)
 
 
-def _adapter_values(K, N, r, dtype, device):
+@torch.no_grad()
+def _set_adapters(lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+    """The same adapter values for every provider (A uniform like kaiming, B non-zero: the LoRA branch does
+    real work)."""
     g = torch.Generator().manual_seed(1)
-    a = (torch.rand(r, K, generator=g) * 2 - 1) / math.sqrt(K)
-    b = torch.randn(N, r, generator=g) / math.sqrt(r)  # non-zero B: the LoRA branch does real work
-    return a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device)
+    r, K = lora_A.shape
+    lora_A.copy_((torch.rand(r, K, generator=g) * 2 - 1) / math.sqrt(K))
+    lora_B.copy_(torch.randn(lora_B.shape[0], r, generator=g) / math.sqrt(r))
 
 
 def build_base(K, N, r, p, dtype, device):
@@ -46,10 +50,7 @@ def build_base(K, N, r, p, dtype, device):
 
 def build_fused(K, N, r, p, dtype, device):
     layer = FusedLoraLinear.from_linear(_frozen_linear(K, N, dtype, device), r=r, lora_alpha=2 * r, lora_dropout=p)
-    a, b = _adapter_values(K, N, r, dtype, device)
-    with torch.no_grad():
-        layer.lora_A.copy_(a)
-        layer.lora_B.copy_(b)
+    _set_adapters(layer.lora_A, layer.lora_B)
     return layer
 
 
@@ -59,19 +60,13 @@ def build_peft(K, N, r, p, dtype, device):
 
     cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p)
     layer = PeftLinear(_frozen_linear(K, N, dtype, device), "default", cfg, r=r, lora_alpha=2 * r, lora_dropout=p)
-    a, b = _adapter_values(K, N, r, dtype, device)
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(a)
-        layer.lora_B["default"].weight.copy_(b)
+    _set_adapters(layer.lora_A["default"].weight, layer.lora_B["default"].weight)
     return layer
 
 
 def build_naive(K, N, r, p, dtype, device):
     layer = NaiveLora(_frozen_linear(K, N, dtype, device), r, 2 * r, p)
-    a, b = _adapter_values(K, N, r, dtype, device)
-    with torch.no_grad():
-        layer.lora_A.copy_(a)
-        layer.lora_B.copy_(b)
+    _set_adapters(layer.lora_A, layer.lora_B)
     return layer
 
 
@@ -94,10 +89,7 @@ def _bnb_linear4bit(K, N, dtype, device):
 def build_fused_nf4(K, N, r, p, dtype, device):
     layer = FusedLoraLinear.from_bnb(_bnb_linear4bit(K, N, dtype, device), r=r, lora_alpha=2 * r, lora_dropout=p,
                                      compute_dtype=dtype)
-    a, b = _adapter_values(K, N, r, dtype, device)
-    with torch.no_grad():
-        layer.lora_A.copy_(a)
-        layer.lora_B.copy_(b)
+    _set_adapters(layer.lora_A, layer.lora_B)
     return layer
 
 
@@ -108,12 +100,9 @@ def build_peft_nf4(K, N, r, p, dtype, device):
     cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p)
     layer = PeftLinear4bit(_bnb_linear4bit(K, N, dtype, device), "default", config=cfg, r=r, lora_alpha=2 * r,
                            lora_dropout=p)
-    a, b = _adapter_values(K, N, r, dtype, device)
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(a)
-        layer.lora_B["default"].weight.copy_(b)
     layer.lora_A["default"].to(dtype)
     layer.lora_B["default"].to(dtype)
+    _set_adapters(layer.lora_A["default"].weight, layer.lora_B["default"].weight)
     return layer
 
 

@@ -311,128 +311,57 @@ def _lora_grad_a_kernel(
 # Families (see _launch.config_family): "half" = bf16/fp16 on tensor cores, "tf32" = fp32 with allow_tf32,
 # "ieee" = exact fp32 on FMA units. FMA-path dots keep both operands in registers, hence its smaller tiles: the
 # larger ones spill (measured by the compile check; e.g. 64x128x32 at 4 warps spills 1.2 KB/thread on sm_80).
-_GEMM_CONFIGS = {
-    "half": [
-        config(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
-        config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-        config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-        config(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-        config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-    ],
-    "tf32": [
-        config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-        config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-        config(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-        config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-    ],
-    "ieee": [
-        config(8, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8),
-        config(8, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-        config(8, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
-        config(4, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
-    ],
-}
+def _tilings(names, rows):
+    """Configurations from ``(num_warps, num_stages, *block sizes)`` rows, block sizes in ``names`` order."""
+    return [config(warps, stages, **dict(zip(names, blocks))) for warps, stages, *blocks in rows]
 
-_DGRAD_CONFIGS = {
-    "half": [
-        config(8, 3, BLOCK_M=128, BLOCK_K=256, BLOCK_N=64, GROUP_M=8),
-        config(8, 4, BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
-        config(4, 4, BLOCK_M=64, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
-        config(4, 4, BLOCK_M=128, BLOCK_K=64, BLOCK_N=64, GROUP_M=8),
-        config(4, 4, BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, GROUP_M=8),
-    ],
-    "tf32": [
-        config(8, 3, BLOCK_M=128, BLOCK_K=128, BLOCK_N=32, GROUP_M=8),
-        config(4, 4, BLOCK_M=64, BLOCK_K=128, BLOCK_N=32, GROUP_M=8),
-        config(4, 4, BLOCK_M=128, BLOCK_K=64, BLOCK_N=32, GROUP_M=8),
-        config(4, 4, BLOCK_M=64, BLOCK_K=64, BLOCK_N=32, GROUP_M=8),
-    ],
-    "ieee": [
-        config(8, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_N=16, GROUP_M=8),
-        config(8, 2, BLOCK_M=32, BLOCK_K=64, BLOCK_N=32, GROUP_M=8),
-        config(8, 2, BLOCK_M=64, BLOCK_K=32, BLOCK_N=32, GROUP_M=8),
-        config(4, 2, BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, GROUP_M=8),
-    ],
-}
 
-# GEMMs dequantizing an NF4 W in the main loop run for at most NF4_FUSED_MAX_TOKENS rows of x: narrow row tiles.
-# (The decoder's gathers are multi-buffered by the pipeliner: the wide dense tiles need 250-340 KiB of shared
-# memory here.)
-_GEMM_CONFIGS.update({
-    "half-nf4": [
-        config(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
-        config(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
-        config(4, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-        config(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-        config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-        config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-    ],
-    "tf32-nf4": [
-        config(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-        config(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-        config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-        config(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-        config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-    ],
-    "ieee-nf4": [
-        config(8, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8),
-        config(8, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-        config(8, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
-        config(4, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-    ],
-})
-_DGRAD_CONFIGS.update({
-    "half-nf4": [
-        config(4, 3, BLOCK_M=16, BLOCK_K=64, BLOCK_N=128, GROUP_M=8),
-        config(4, 3, BLOCK_M=16, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
-        config(4, 3, BLOCK_M=32, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
-        config(4, 4, BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, GROUP_M=8),
-        config(8, 3, BLOCK_M=64, BLOCK_K=128, BLOCK_N=64, GROUP_M=8),
-        config(4, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, GROUP_M=8),
-    ],
-    "tf32-nf4": [
-        config(4, 3, BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, GROUP_M=8),
-        config(4, 3, BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, GROUP_M=8),
-        config(4, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_N=32, GROUP_M=8),
-        config(4, 3, BLOCK_M=32, BLOCK_K=128, BLOCK_N=32, GROUP_M=8),
-        config(8, 3, BLOCK_M=64, BLOCK_K=128, BLOCK_N=32, GROUP_M=8),
-    ],
-    "ieee-nf4": [
-        config(8, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_N=16, GROUP_M=8),
-        config(8, 2, BLOCK_M=32, BLOCK_K=64, BLOCK_N=32, GROUP_M=8),
-        config(8, 2, BLOCK_M=64, BLOCK_K=32, BLOCK_N=32, GROUP_M=8),
-        config(8, 2, BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, GROUP_M=8),
-        config(4, 2, BLOCK_M=16, BLOCK_K=64, BLOCK_N=32, GROUP_M=8),
-    ],
-})
+def _families(names, **tables):
+    return {family.replace("_", "-"): _tilings(names, rows) for family, rows in tables.items()}
+
+
+# The two GEMMs share their tilings, written (warps, stages, rows of x, output columns, reduction step, GROUP_M):
+# the forward's output columns are N (reduction over K), the dgrad's are K (reduction over N). "-nf4": tilings
+# for NF4 weights dequantized in the main loop, used for at most NF4_FUSED_MAX_TOKENS rows (narrow row tiles; the
+# decoder's gathers are multi-buffered by the pipeliner, so the wide dense tiles would need 250-340 KiB of shared
+# memory).
+_GEMM_TILES = dict(
+    half=[(8, 3, 128, 256, 64, 8), (8, 4, 128, 128, 64, 8), (4, 4, 64, 128, 64, 8), (4, 4, 128, 64, 64, 8),
+          (4, 4, 64, 64, 64, 8)],
+    tf32=[(8, 3, 128, 128, 32, 8), (4, 4, 64, 128, 32, 8), (4, 4, 128, 64, 32, 8), (4, 4, 64, 64, 32, 8)],
+    tf32_nf4=[(4, 3, 16, 64, 64, 8), (4, 3, 32, 64, 64, 8), (4, 3, 64, 64, 32, 8), (4, 3, 32, 128, 32, 8),
+              (8, 3, 64, 128, 32, 8)],
+)
+_FWD_TILES = dict(
+    _GEMM_TILES,
+    ieee=[(8, 2, 64, 64, 16, 8), (8, 2, 32, 64, 32, 8), (8, 2, 64, 32, 32, 8), (4, 2, 32, 32, 32, 8)],
+    half_nf4=[(4, 3, 16, 64, 128, 8), (4, 3, 32, 64, 128, 8), (4, 3, 16, 128, 64, 8), (4, 3, 32, 128, 64, 8),
+              (8, 3, 64, 128, 64, 8), (4, 3, 64, 64, 64, 8)],
+    ieee_nf4=[(8, 2, 64, 64, 16, 8), (8, 2, 32, 64, 32, 8), (8, 2, 64, 32, 32, 8), (4, 2, 16, 64, 32, 8)],
+)
+_DGRAD_TILES = dict(
+    _GEMM_TILES,
+    ieee=[(8, 3, 64, 64, 16, 8), (8, 2, 32, 64, 32, 8), (8, 2, 64, 32, 32, 8), (4, 2, 32, 32, 32, 8)],
+    half_nf4=[(4, 3, 16, 64, 128, 8), (4, 3, 16, 128, 64, 8), (4, 3, 32, 128, 64, 8), (4, 4, 32, 64, 64, 8),
+              (8, 3, 64, 128, 64, 8), (4, 3, 64, 64, 64, 8)],
+    ieee_nf4=[(8, 3, 64, 64, 16, 8), (8, 2, 32, 64, 32, 8), (8, 2, 64, 32, 32, 8), (8, 2, 32, 32, 32, 8),
+              (4, 2, 16, 64, 32, 8)],
+)
+# (warps, stages, rows per step, columns per program) of the three row-streaming kernels.
+_DOWN_TILES = dict(
+    half=[(4, 3, 64, 128), (4, 4, 32, 128), (4, 3, 128, 64), (8, 3, 128, 128)],
+    tf32=[(4, 3, 64, 64), (4, 4, 32, 64), (4, 3, 128, 32)],
+    ieee=[(4, 3, 64, 32), (8, 3, 64, 64), (4, 3, 16, 64), (4, 2, 16, 32)],
+)
 
 LORA_DOWN = Launcher(
-    _lora_down_kernel,
-    {
-        "half": [
-            config(4, 3, BLOCK_M=64, BLOCK_K=128),
-            config(4, 4, BLOCK_M=32, BLOCK_K=128),
-            config(4, 3, BLOCK_M=128, BLOCK_K=64),
-            config(8, 3, BLOCK_M=128, BLOCK_K=128),
-        ],
-        "tf32": [
-            config(4, 3, BLOCK_M=64, BLOCK_K=64),
-            config(4, 4, BLOCK_M=32, BLOCK_K=64),
-            config(4, 3, BLOCK_M=128, BLOCK_K=32),
-        ],
-        "ieee": [
-            config(4, 3, BLOCK_M=64, BLOCK_K=32),
-            config(8, 3, BLOCK_M=64, BLOCK_K=64),
-            config(4, 3, BLOCK_M=16, BLOCK_K=64),
-            config(4, 2, BLOCK_M=16, BLOCK_K=32),
-        ],
-    },
-    key=["M_BUCKET", "K", "R"],
+    _lora_down_kernel, _families(("BLOCK_M", "BLOCK_K"), **_DOWN_TILES), key=["M_BUCKET", "K", "R"],
     interpreter_config=config(4, 1, BLOCK_M=16, BLOCK_K=32),
 )
 
 LINEAR_FWD = Launcher(
-    _lora_linear_fwd_kernel, _GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R"],
+    _lora_linear_fwd_kernel, _families(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), **_FWD_TILES),
+    key=["M_BUCKET", "N", "K", "R"],
     interpreter_config=config(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2),
 )
 
@@ -440,57 +369,31 @@ LINEAR_FWD = Launcher(
 # partial sums instead of atomics): the largest BLOCK_M there keeps that buffer small.
 GRAD_OUT = Launcher(
     _lora_grad_out_kernel,
-    {
-        "half": [
-            config(8, 3, BLOCK_M=128, BLOCK_N=64),
-            config(8, 3, BLOCK_M=64, BLOCK_N=128),
-            config(4, 3, BLOCK_M=32, BLOCK_N=64),
-            config(8, 3, BLOCK_M=32, BLOCK_N=128),
-            config(4, 3, BLOCK_M=32, BLOCK_N=32),
-        ],
-        "tf32": [
-            config(8, 2, BLOCK_M=32, BLOCK_N=64),
-            config(4, 3, BLOCK_M=32, BLOCK_N=32),
-            config(8, 2, BLOCK_M=16, BLOCK_N=64),
-            config(4, 2, BLOCK_M=16, BLOCK_N=32),
-        ],
-        "ieee": [
-            config(8, 2, BLOCK_M=32, BLOCK_N=64),
-            config(8, 2, BLOCK_M=32, BLOCK_N=32),
-            config(8, 2, BLOCK_M=16, BLOCK_N=64),
-            config(4, 2, BLOCK_M=16, BLOCK_N=32),
-        ],
-    },
+    _families(
+        ("BLOCK_M", "BLOCK_N"),
+        half=[(8, 3, 128, 64), (8, 3, 64, 128), (4, 3, 32, 64), (8, 3, 32, 128), (4, 3, 32, 32)],
+        tf32=[(8, 2, 32, 64), (4, 3, 32, 32), (8, 2, 16, 64), (4, 2, 16, 32)],
+        ieee=[(8, 2, 32, 64), (8, 2, 32, 32), (8, 2, 16, 64), (4, 2, 16, 32)],
+    ),
     key=["M_BUCKET", "N", "R"],
     interpreter_config=config(4, 1, BLOCK_M=16, BLOCK_N=32),
     reset_to_zero=["db_ptr", "dbias_ptr"],
 )
 
 DGRAD = Launcher(
-    _lora_dgrad_kernel, _DGRAD_CONFIGS, key=["M_BUCKET", "N", "K", "R"],
+    _lora_dgrad_kernel, _families(("BLOCK_M", "BLOCK_K", "BLOCK_N", "GROUP_M"), **_DGRAD_TILES),
+    key=["M_BUCKET", "N", "K", "R"],
     interpreter_config=config(4, 1, BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, GROUP_M=2),
 )
 
 GRAD_A = Launcher(
     _lora_grad_a_kernel,
-    {
-        "half": [
-            config(4, 3, BLOCK_M=64, BLOCK_K=128),
-            config(4, 4, BLOCK_M=32, BLOCK_K=128),
-            config(4, 3, BLOCK_M=128, BLOCK_K=64),
-            config(8, 3, BLOCK_M=128, BLOCK_K=128),
-        ],
-        "tf32": [
-            config(4, 3, BLOCK_M=64, BLOCK_K=64),
-            config(4, 4, BLOCK_M=32, BLOCK_K=64),
-            config(4, 3, BLOCK_M=128, BLOCK_K=32),
-        ],
-        "ieee": [
-            config(4, 3, BLOCK_M=32, BLOCK_K=32),
-            config(4, 3, BLOCK_M=16, BLOCK_K=64),
-            config(4, 2, BLOCK_M=16, BLOCK_K=32),
-        ],
-    },
+    _families(
+        ("BLOCK_M", "BLOCK_K"),
+        half=_DOWN_TILES["half"],
+        tf32=_DOWN_TILES["tf32"],
+        ieee=[(4, 3, 32, 32), (4, 3, 16, 64), (4, 2, 16, 32)],
+    ),
     key=["M_BUCKET", "K", "R"],
     interpreter_config=config(4, 1, BLOCK_M=16, BLOCK_K=32),
 )

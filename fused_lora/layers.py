@@ -225,7 +225,8 @@ class FusedLoraLinearNF4(FusedLoraLinear):
     (double quantization) ``nf4_qabsmax``, ``nf4_absmax2``, ``nf4_code2``, ``nf4_offset``: about 0.5 byte per
     weight, in bitsandbytes' layout (``nf4_weight.to_state_dict()`` gives bitsandbytes' own keys). ``weight`` is
     None. The layer computes in ``compute_dtype``: inputs are cast to it and outputs back to the input dtype, as
-    bitsandbytes' ``Linear4bit`` does. W is dequantized on the fly in forward and again in backward, never stored
+    bitsandbytes' ``Linear4bit`` does; the compute dtype is the adapters' dtype (``module.to(dtype)`` changes it and
+    leaves the NF4 buffers exact). W is dequantized on the fly in forward and again in backward, never stored
     dense: inside the GEMM main loop for short inputs, through a transient buffer for long ones (the threshold is
     ``fused_lora.kernels.lora.NF4_FUSED_MAX_TOKENS``); the torch path dequantizes into a transient tensor.
     """
@@ -243,16 +244,24 @@ class FusedLoraLinearNF4(FusedLoraLinear):
         for name in _NF4_BUFFERS:
             layer.register_buffer(f"nf4_{name}", getattr(nf4, name), persistent=True)
         layer._nf4_meta = dict(blocksize=nf4.blocksize, shape=list(nf4.shape), dtype=_dtype_name(nf4.dtype),
-                               nested_blocksize=nf4.nested_blocksize, compute_dtype=_dtype_name(compute_dtype))
+                               nested_blocksize=nf4.nested_blocksize)
         return layer
+
+    def _apply(self, fn, recurse=True):
+        # module.to(dtype) / .half() / .bfloat16() cast floating-point buffers, which would destroy the NF4
+        # statistics (fp32 by format): they follow device moves only. The adapters (and with them the compute
+        # dtype) are cast as usual.
+        nf4 = {name: getattr(self, f"nf4_{name}") for name in _NF4_BUFFERS if getattr(self, f"nf4_{name}") is not None}
+        super()._apply(fn, recurse)
+        for name, before in nf4.items():
+            after = getattr(self, f"nf4_{name}")
+            if after.dtype != before.dtype:
+                self._buffers[f"nf4_{name}"] = before.to(after.device)
+        return self
 
     @property
     def quantized(self) -> bool:
         return True
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return getattr(torch, self._nf4_meta["compute_dtype"])
 
     @property
     def nf4_weight(self) -> NF4Weight:
@@ -300,7 +309,7 @@ class FusedLoraLinearNF4(FusedLoraLinear):
     def _base_repr(self) -> str:
         meta = self._nf4_meta
         return (f"nf4(blocksize={meta['blocksize']}, double_quant={self.nf4_qabsmax is not None}, "
-                f"compute_dtype={meta['compute_dtype']})")
+                f"compute_dtype={_dtype_name(self.compute_dtype)})")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

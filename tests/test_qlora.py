@@ -363,3 +363,19 @@ def test_both_nf4_kernel_paths_run():
         lora.Launcher.__call__ = original
     assert seen == [("_lora_linear_fwd_kernel", True, "ieee-nf4"), ("_lora_dgrad_kernel", True, "ieee-nf4"),
                     ("_lora_linear_fwd_kernel", False, "ieee"), ("_lora_dgrad_kernel", False, "ieee")]
+
+
+def test_module_dtype_casts_keep_the_nf4_statistics_exact():
+    """model.to(dtype) / .half() cast the adapters (the compute dtype follows) but never the NF4 statistics, which
+    are fp32 by format: casting them would change every dequantized weight."""
+    layer = _nf4_layer(0, 128, 64, 8, torch.float32, "cpu")
+    before = {name: buf.clone() for name, buf in layer.named_buffers()}
+    w32 = layer.base_weight(torch.float32)
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
+        cast(layer)
+        for name, buf in layer.named_buffers():
+            assert buf.dtype == before[name].dtype and torch.equal(buf, before[name]), name
+        assert layer.lora_A.dtype == layer.compute_dtype
+        assert torch.equal(layer.base_weight(torch.float32), w32)
+        y = layer(torch.randn(3, 128))
+        assert y.dtype == torch.float32 and torch.isfinite(y).all()

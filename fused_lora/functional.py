@@ -275,4 +275,8 @@ def fused_lora_linear(
     with torch.autocast(x.device.type, enabled=False):
         y = FusedLoraFunction.apply(x2, lora_A, lora_B, bias, float(scaling), p, seed_t, backend, weight_meta,
                                     *weight_tensors)
-    return y.reshape(*lead, out_features)
+    if x.dim() == 2:
+        return y
+    # y is a fresh tensor nobody else views: give it its [..., out] shape without making it a view (as matmul does),
+    # so that wrappers that refuse view outputs (FSDP2 warns about them) see a plain tensor.
+    return torch.ops.aten._unsafe_view(y, (*lead, out_features))

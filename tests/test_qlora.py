@@ -244,14 +244,18 @@ class _Tiny(nn.Module):
 
 
 def _to_bnb(model: nn.Module, names, compute_dtype=torch.float32) -> nn.Module:
-    """Replace the named nn.Linear modules by NF4 bitsandbytes Linear4bit modules with the same weights."""
+    """Replace the named nn.Linear modules (full dotted names) by NF4 bitsandbytes Linear4bit modules with the
+    same weights (quantized on the CPU, double quantization), as transformers' 4-bit loading does."""
     for name in names:
-        dense = getattr(model, name)
-        lin = bnb.nn.Linear4bit(dense.in_features, dense.out_features, compute_dtype=compute_dtype, quant_type="nf4")
+        dense = model.get_submodule(name)
+        lin = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=dense.bias is not None,
+                                compute_dtype=compute_dtype, quant_type="nf4")
         lin.weight = bnb.nn.Params4bit(dense.weight.detach().clone(), requires_grad=False, quant_type="nf4",
                                        module=lin)
-        lin.bias = nn.Parameter(dense.bias.detach().clone(), requires_grad=False)
-        setattr(model, name, lin.to("cpu"))
+        if dense.bias is not None:
+            lin.bias = nn.Parameter(dense.bias.detach().clone(), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, lin.to("cpu"))
     return model
 
 
@@ -379,3 +383,30 @@ def test_module_dtype_casts_keep_the_nf4_statistics_exact():
         assert torch.equal(layer.base_weight(torch.float32), w32)
         y = layer(torch.randn(3, 128))
         assert y.dtype == torch.float32 and torch.isfinite(y).all()
+
+
+def test_tiny_llama_on_a_4bit_base_trains_like_peft():
+    """The issue's QLoRA convergence check: a tiny Llama whose q/k/v/o/gate/up/down projections are bitsandbytes
+    NF4 Linear4bit modules, adapted by apply_lora next to PEFT with identical initial adapters. p = 0: per-step
+    losses equal to fp32 rounding (FP32_RTOL; the same dequantized weights and fp32 math); p = 0.1: both decrease
+    (their masks come from different generators by design)."""
+    from test_model import LLAMA_TARGETS, copy_peft_adapters_into_ours, peft_lora, tiny_llama, tokens, train
+
+    dense = tiny_llama()
+    base = _to_bnb(dense, [n for n, m in dense.named_modules() if n.rpartition(".")[2] in LLAMA_TARGETS])
+    base.is_loaded_in_4bit = True  # what transformers sets: PEFT then builds its QLoRA layers
+    batch = tokens()
+    for p in (0.0, 0.1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = peft_lora(copy.deepcopy(base), target_modules=LLAMA_TARGETS, r=8, lora_alpha=16, lora_dropout=p)
+        ours = apply_lora(copy.deepcopy(base), LLAMA_TARGETS, r=8, lora_alpha=16, lora_dropout=p)
+        assert sum(isinstance(m, FusedLoraLinearNF4) for m in ours.modules()) == 2 * len(LLAMA_TARGETS)
+        copy_peft_adapters_into_ours(theirs, ours)
+        peft_losses = train(theirs, batch, steps=5)
+        our_losses = train(ours, batch, steps=5)
+        if p == 0.0:
+            for step, (a, b) in enumerate(zip(our_losses, peft_losses)):
+                assert abs(a - b) <= FP32_RTOL * abs(b), (step, a, b)
+        for losses in (our_losses, peft_losses):
+            assert losses[-1] < losses[0] - 0.05, losses

@@ -141,10 +141,11 @@ def lora_backward(
         if need_da:
             xc = x.to(cdt)
             xd = xc if keep is None else keep.mul_(xc)  # the mask is not needed after this: reuse its buffer
-            da = torch.mm(_transposed(gb, cdt), xd).mul_(lora_scale).to(lora_A.dtype)
+            # gb^T xd as F.linear(gb^T, xd^T): the fastest of the equivalent layouts on CPU BLAS (measured)
+            da = F.linear(gb.t(), xd.t()).mul_(lora_scale).to(lora_A.dtype)
     if need_db:
-        # (xa^T g)^T: with xa^T contiguous this layout is faster than g^T xa on CPU BLAS
-        db = torch.mm(_transposed(xa, cdt), g).mul_(scaling).t().contiguous().to(lora_B.dtype)
+        # (xa^T g)^T as F.linear(xa^T, g^T): likewise the fastest layout measured
+        db = F.linear(xa.to(cdt).t(), g.t()).mul_(scaling).t().contiguous().to(lora_B.dtype)
     if need_dbias:
         dbias = g.sum(0).to(dtype)
     if need_dw:

@@ -28,10 +28,28 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({os.cpu_count()} cores)"
 
 
+def _git_revision() -> str:
+    """The checkout's commit (with "+dirty" for uncommitted changes), or "" outside a git checkout."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return rev + ("+dirty" if rev and dirty else "")
+
+
 def library_versions() -> str:
     import fused_lora
 
     parts = [f"fused_lora={fused_lora.__version__}", f"torch={torch.__version__}"]
+    revision = _git_revision()
+    if revision:
+        parts[0] += f"@{revision}"
     for name in ("triton", "peft", "bitsandbytes"):
         try:
             module = __import__(name)

@@ -148,12 +148,11 @@ def _panels(measurements: List[Measurement]):
 
 def plot(measurements: List[Measurement], out_dir: str, device_label: str) -> List[str]:
     """PNG plots along the token axis, one panel per (K x N, dtype, r, p): the speed-up of each provider over its
-    PEFT counterpart (forward+backward, p50; log scale) and the bytes saved for backward. Returns the paths."""
+    PEFT counterpart (forward+backward, p50) and the bytes saved for backward. Returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
 
     os.makedirs(out_dir, exist_ok=True)
     panels = _panels(measurements)
@@ -176,13 +175,10 @@ def plot(measurements: List[Measurement], out_dir: str, device_label: str) -> Li
                     values = [ref[t].time_ms[1] / points[t].time_ms[1] for t in tokens]
                 else:
                     tokens = sorted(points)
-                    values = [max(points[t].saved_mib, 1e-3) for t in tokens]
+                    values = [points[t].saved_mib for t in tokens]
                 ax.plot(tokens, values, marker="o", label=provider, color=f"C{_provider_order(provider)}")
             ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            for axis in (ax.yaxis,):
-                axis.set_major_formatter(ScalarFormatter())
-                axis.set_minor_formatter(ScalarFormatter())
+            ax.set_ylim(bottom=0)
             if kind == "speedup":
                 ax.axhline(1.0, color="grey", lw=0.8)
                 ax.set_ylabel("speed-up over PEFT (x)")

@@ -7,7 +7,7 @@ import datetime
 import os
 import platform
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 

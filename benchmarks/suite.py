@@ -14,7 +14,6 @@ Metrics
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import statistics
 import time
@@ -275,7 +274,3 @@ def cases_for(plan, providers: Optional[Iterable[str]] = None, modes: Optional[I
                 if chosen_modes is None or mode in chosen_modes:
                     out.append(Case(provider, mode, shape))
     return out
-
-
-def replace_shape(case: Case, **changes) -> Case:
-    return Case(case.provider, case.mode, dataclasses.replace(case.shape, **changes))

@@ -17,7 +17,6 @@ tolerance can see.
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch

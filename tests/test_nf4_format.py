@@ -16,7 +16,7 @@ import torch._dynamo
 from fused_lora import use_backend
 from fused_lora.nf4 import BLOCKSIZES, NF4_CODE, NF4Weight, dynamic_map, quantize_nf4
 
-from conftest import DEVICE_BACKENDS, HAS_CUDA, INTERPRETING
+from conftest import DEVICE_BACKENDS, HAS_CUDA
 
 bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional

@@ -13,7 +13,7 @@ from torch import nn
 
 from fused_lora import FusedLoraLinear, FusedLoraLinearNF4, apply_lora, from_peft, merge_and_unload, use_backend
 from fused_lora.dropout import Dropout
-from fused_lora.nf4 import NF4Weight, quantize_nf4
+from fused_lora.nf4 import quantize_nf4
 
 from conftest import DEVICE_BACKENDS, INTERPRETING
 from helpers import FP32_RTOL, assert_close_fp32, assert_three_way, lora_reference

@@ -387,17 +387,21 @@ class NF4Weight:
             raise ValueError(f"out must be a {dtype} tensor of shape {self.shape} on {self.device}, "
                              f"got {out.dtype} {tuple(out.shape)} on {out.device}")
         if resolve_backend(self.device) == "triton":
-            from .kernels.nf4 import nf4_dequantize
-
-            if self.nested:
-                return nf4_dequantize(self.data, self.code, self.qabsmax, self.shape, self.blocksize, dtype,
-                                      absmax2=self.absmax2, code2=self.code2, offset=self.offset,
-                                      nested_blocksize=self.nested_blocksize, out=out)
-            return nf4_dequantize(self.data, self.code, self.absmax, self.shape, self.blocksize, dtype, out=out)
+            return self.dequantize_triton(dtype, out=out)
         result = self.dequantize_torch(dtype)
         if out is not None:
             return out.copy_(result)
         return result
+
+    def dequantize_triton(self, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``dequantize`` with the Triton kernel (one launch), whatever the backend setting."""
+        from .kernels.nf4 import nf4_dequantize
+
+        if self.nested:
+            return nf4_dequantize(self.data, self.code, self.qabsmax, self.shape, self.blocksize, dtype,
+                                  absmax2=self.absmax2, code2=self.code2, offset=self.offset,
+                                  nested_blocksize=self.nested_blocksize, out=out)
+        return nf4_dequantize(self.data, self.code, self.absmax, self.shape, self.blocksize, dtype, out=out)
 
     def dequantize_torch(self, dtype: torch.dtype) -> torch.Tensor:
         """``dequantize`` on the torch path, whatever the backend setting (used by the torch implementation)."""

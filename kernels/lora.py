@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._launch import Launcher, config, config_family
 from .dropout import dropout_keep
-from .nf4 import nf4_decode_tile, nf4_dequantize
+from .nf4 import nf4_decode_tile
 
 # ----------------------------------------------------------------------------------------------------------------
 # kernels
@@ -443,18 +443,9 @@ def _weight_args(weight, M: int, dtype: torch.dtype) -> dict:
             absmax = weight.absmax_fp32()
             return dict(w_ptr=weight.data, nf4_code_ptr=weight.code, nf4_absmax_ptr=absmax, stride_wn=0, stride_wk=0,
                         W_NF4=True, NF4_BLOCKSIZE=weight.blocksize)
-        weight = dequantize_nf4(weight, dtype)
+        weight = weight.dequantize_triton(dtype)
     return dict(w_ptr=weight, nf4_code_ptr=weight, nf4_absmax_ptr=weight, stride_wn=weight.stride(0),
                 stride_wk=weight.stride(1), W_NF4=False, NF4_BLOCKSIZE=64)
-
-
-def dequantize_nf4(weight, dtype: torch.dtype) -> torch.Tensor:
-    """``weight.dequantize(dtype)`` with the Triton kernel, whatever the current backend setting."""
-    if weight.nested:
-        return nf4_dequantize(weight.data, weight.code, weight.qabsmax, weight.shape, weight.blocksize, dtype,
-                              absmax2=weight.absmax2, code2=weight.code2, offset=weight.offset,
-                              nested_blocksize=weight.nested_blocksize)
-    return nf4_dequantize(weight.data, weight.code, weight.absmax, weight.shape, weight.blocksize, dtype)
 
 
 def _dropout_args(dropout) -> dict:

@@ -73,6 +73,13 @@ class Launcher:
         return None
 
     def __call__(self, grid: Callable, family: str, cfg: Optional[triton.Config] = None, **args):
+        # Triton launches on the current CUDA device: make it the tensors' device (multi-GPU processes).
+        device = next((a.device for a in args.values() if isinstance(a, torch.Tensor)), None)
+        guard = torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            self._launch(grid, family, cfg, args)
+
+    def _launch(self, grid, family, cfg, args) -> None:
         cfg = cfg or self.fixed_config()
         if cfg is not None:
             self.kernel[grid](**args, **cfg.all_kwargs())

@@ -11,10 +11,12 @@ import torch
 from . import torch_ops
 from ._backend import resolve_backend
 from .dropout import Dropout, seed_tensor
+from .nf4 import SUPPORTED_DTYPES as NF4_DTYPES
 from .nf4 import NF4Weight
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_NF4_ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# An NF4 base dequantizes to (and so computes in) the format's dtypes; their order also encodes NF4Weight.dtype.
+_NF4_ACTIVATION_DTYPES = NF4_DTYPES
 
 
 def _select_backend(x: torch.Tensor, out_features: int) -> str:

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import fused_lora_linear
-from .nf4 import NF4Weight, quantize_nf4
+from .nf4 import SUPPORTED_DTYPES as NF4_DTYPES
+from .nf4 import NF4Weight, _dtype_name, quantize_nf4
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -236,7 +237,7 @@ class FusedLoraLinearNF4(FusedLoraLinear):
                  lora_dropout: float = 0.0, use_rslora: bool = False,
                  compute_dtype: torch.dtype = torch.bfloat16) -> "FusedLoraLinearNF4":
         """A layer around an existing :class:`NF4Weight` (its tensors are used as they are, not copied)."""
-        if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if compute_dtype not in NF4_DTYPES:
             raise ValueError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype}")
         factory = {"device": nf4.device, "dtype": compute_dtype}
         layer = cls._wrap(nf4.shape[1], nf4.shape[0], bias, r, lora_alpha, lora_dropout, use_rslora, factory)
@@ -311,6 +312,3 @@ class FusedLoraLinearNF4(FusedLoraLinear):
         return (f"nf4(blocksize={meta['blocksize']}, double_quant={self.nf4_qabsmax is not None}, "
                 f"compute_dtype={_dtype_name(self.compute_dtype)})")
 
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")

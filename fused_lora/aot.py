@@ -18,6 +18,7 @@ The launch-argument capture uses Triton's own binder (``create_function_from_sig
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -116,11 +117,32 @@ def _example_weight(variant: str, N: int, K: int, dtype: torch.dtype):
                      dtype=dtype, code=NF4_CODE.clone(), absmax=torch.empty(N * K // 64))
 
 
+@contextlib.contextmanager
+def _recording_launches(captured: List[Capture], variant: str, dtype: torch.dtype, seen: Optional[set] = None):
+    """Inside the block every Launcher call is appended to ``captured`` instead of launched (only the first per
+    kernel, variant and dtype when ``seen`` is given)."""
+    from fused_lora.kernels._launch import Launcher
+
+    def record(self, grid, family, cfg=None, **args):
+        key = (self.name, variant, dtype)
+        if seen is not None:
+            if key in seen:
+                return
+            seen.add(key)
+        captured.append(Capture(self.name, variant, str(dtype).replace("torch.", ""), args))
+
+    original = Launcher.__call__
+    Launcher.__call__ = record
+    try:
+        yield
+    finally:
+        Launcher.__call__ = original
+
+
 def capture_launches() -> List[Capture]:
     """Run the launch wrappers on CPU tensors with every Launcher in capture mode; return what they would launch."""
     from fused_lora.dropout import Dropout
     from fused_lora.kernels import lora
-    from fused_lora.kernels._launch import Launcher
 
     captured: List[Capture] = []
     seen = set()
@@ -133,21 +155,13 @@ def capture_launches() -> List[Capture]:
         g = torch.empty(M, N, dtype=dtype)
         xa = torch.empty(M, R, dtype=dtype)
         dropout = Dropout(0.1, 0)
-
-        def record(self, grid, family, cfg=None, **args):
-            key = (self.name, variant, dtype)
-            if key not in seen:
-                seen.add(key)
-                captured.append(Capture(self.name, variant, str(dtype).replace("torch.", ""), args))
-
-        original_call, original_det = Launcher.__call__, torch.are_deterministic_algorithms_enabled()
-        Launcher.__call__ = record
+        original_det = torch.are_deterministic_algorithms_enabled()
         try:
             torch.use_deterministic_algorithms(variant == "deterministic")
-            lora.lora_forward(x, w, a, b, bias, 2.0, dropout)
-            lora.lora_backward(g, x, w, a, b, xa, 2.0, dropout, (True, False, True, True, True))
+            with _recording_launches(captured, variant, dtype, seen):
+                lora.lora_forward(x, w, a, b, bias, 2.0, dropout)
+                lora.lora_backward(g, x, w, a, b, xa, 2.0, dropout, (True, False, True, True, True))
         finally:
-            Launcher.__call__ = original_call
             torch.use_deterministic_algorithms(original_det)
     # The deterministic variant differs only in the grad-out kernel, the NF4 one only in the two GEMMs.
     differs = {"default": None, "deterministic": ("_lora_grad_out_kernel",),
@@ -160,7 +174,6 @@ def _capture_nf4() -> List[Capture]:
     """NF4 dequantization of a 4096 x 4096 weight (blocksize 64): to bf16 with and without double quantization,
     and to fp32 (double quantization) for the fp32 families."""
     from fused_lora.kernels import nf4
-    from fused_lora.kernels._launch import Launcher
 
     rows, cols, blocksize = 4096, 4096, 64
     n_blocks = rows * cols // blocksize
@@ -168,20 +181,13 @@ def _capture_nf4() -> List[Capture]:
     code = torch.empty(16, dtype=torch.float32)
     captured: List[Capture] = []
     for variant, dtype in (("nested", torch.bfloat16), ("plain", torch.bfloat16), ("nested", torch.float32)):
-        def record(self, grid, family, cfg=None, **args):
-            captured.append(Capture(self.name, variant, str(dtype).replace("torch.", ""), args))
-
-        original_call = Launcher.__call__
-        Launcher.__call__ = record
-        try:
+        with _recording_launches(captured, variant, dtype):
             if variant == "nested":
                 nf4.nf4_dequantize(packed, code, torch.empty(n_blocks, dtype=torch.uint8), (rows, cols), blocksize,
                                    dtype, absmax2=torch.empty(n_blocks // 256), code2=torch.empty(256),
                                    offset=torch.empty(()))
             else:
                 nf4.nf4_dequantize(packed, code, torch.empty(n_blocks), (rows, cols), blocksize, dtype)
-        finally:
-            Launcher.__call__ = original_call
     return captured
 
 

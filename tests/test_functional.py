@@ -228,30 +228,6 @@ def test_empty_batch(device, backend):
         assert torch.count_nonzero(A.grad) == 0 and torch.count_nonzero(B.grad) == 0
 
 
-@pytest.mark.parametrize("m, c, n", [(37, 19, 5), (5, 300, 130), (1, 8, 1), (0, 8, 3), (4, 0, 3)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_thin_linear_any_strides(m, c, n, dtype):
-    """The torch path's thin products (oneDNN in float32 on CPU, F.linear otherwise) on transposed and sliced
-    operands -- the layouts the backward passes, e.g. gb^T x as (gb^T, x^T) -- against a float64 product."""
-    from fused_lora.torch_ops import _thin_linear
-
-    g = torch.Generator().manual_seed(m * 1000 + c * 10 + n)
-    a_t = torch.randn(c, 2 * m, generator=g).to(dtype)[:, ::2].t()  # (m, c), neither dim unit-stride contiguous
-    w_t = torch.randn(c, n, generator=g).to(dtype).t()  # (n, c) transposed
-    for a, w in [(a_t, w_t), (a_t.contiguous(), w_t.contiguous())]:
-        out = _thin_linear(a, w)
-        assert out.shape == (m, n) and out.dtype == dtype
-        ref = a.double() @ w.double().t()
-        if c == 0:  # an empty contraction: exact zeros
-            assert torch.count_nonzero(out) == 0
-        elif dtype == torch.bfloat16:
-            # an fp32-accumulated sum (error <= c u32 sum|a||w|, the standard bound) rounded once to bf16 (half an ulp)
-            bound = 2**-8 * ref.abs() + c * 2**-24 * (a.double().abs() @ w.double().abs().t())
-            assert ((out.double() - ref).abs() <= bound).all()
-        elif out.numel():
-            assert_close_fp32(out, ref, "thin", rtol=FP32_RTOL if dtype == torch.float32 else 1e-12)
-
-
 def test_gradcheck_float64_torch_path():
     """Analytical gradients of the torch path against finite differences, dropout and bias included."""
     g = torch.Generator().manual_seed(0)

@@ -112,12 +112,17 @@ class Dropout:
         """The factor applied to kept elements, ``1 / (1 - p)``."""
         return 1.0 / (1.0 - self.p)
 
-    def keep_mask(self, rows: int, cols: int, device, row_start: int = 0, dtype: torch.dtype = torch.bool
-                  ) -> torch.Tensor:
+    def keep_mask(self, rows: int, cols: int, device, row_start: int = 0, dtype: torch.dtype = torch.bool,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``[rows, cols]`` mask of the kept elements of rows ``row_start .. row_start + rows`` of a ``[*, cols]``
         input: True / 1 where kept. ``dtype`` other than bool gives a 0/1 multiplier in that dtype, which costs
-        less to apply than a bool mask (same-dtype element-wise ops vectorize; mixed ones do not)."""
-        out = torch.empty((rows, cols), dtype=dtype, device=device)
+        less to apply than a bool mask (same-dtype element-wise ops vectorize; mixed ones do not). ``out``: a
+        contiguous ``[rows, cols]`` tensor to write into (a reused buffer; ``dtype`` and ``device`` are then
+        its own)."""
+        if out is None:
+            out = torch.empty((rows, cols), dtype=dtype, device=device)
+        elif out.shape != (rows, cols) or not out.is_contiguous():
+            raise ValueError(f"keep_mask: out must be a contiguous [{rows}, {cols}] tensor, got {tuple(out.shape)}")
         if rows == 0 or cols == 0:
             return out
         half = (cols + 1) // 2

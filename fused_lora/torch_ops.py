@@ -74,13 +74,7 @@ def lora_forward(
 
     # The base GEMM first, then the products that read x again while it is still in cache.
     y = F.linear(xc, dense_weight(weight, dtype).to(cdt), bc)
-    if dropout is None:
-        xa = F.linear(xc, ac)
-    else:
-        # the 0/1 mask in the compute dtype, turned into the masked x in place (one M x K buffer, not two)
-        xd = dropout.keep_mask(x.shape[0], x.shape[1], x.device, dtype=cdt).mul_(xc)
-        xa = F.linear(xd, ac).mul_(dropout.scale)
-        del xd
+    xa = F.linear(xc, ac) if dropout is None else _masked_down_projection(xc, ac, dropout)
     # xa is kept in the activation dtype (it is saved for backward); the up-projection uses the rounded
     # value, exactly as the Triton kernels do.
     xa = xa.to(dtype)
@@ -88,19 +82,54 @@ def lora_forward(
     return y.to(dtype), xa
 
 
-# Rows per step of the masked LoRA term of dx: the [rows, K] product stays in one cache-sized buffer instead of
-# a fresh M x K tensor (whose first touch costs page faults comparable to the product itself on CPU).
-_MASKED_PRODUCT_ROWS = 256
+# With dropout, the masked products run over blocks of rows: each block's 0/1 mask is generated into one reused
+# buffer of about _MASK_BLOCK_BYTES, applied and consumed while it is in cache -- never an [M, K] mask (8 MiB at
+# 2048 x 1024 in fp32, whose first touch alone costs page faults comparable to a rank-16 product on CPU). The
+# base GEMMs and the unmasked products stay whole: splitting them by rows as well measured no faster at
+# 2048 x 1024 x 1024 and much slower at 1024 x 4096 x 4096 (1.28x base instead of 1.10x; 2-core Zen 3). The dA
+# partial sums accumulate in the compute dtype, so only fp32 compute is split: half-precision compute (CUDA,
+# CPUs with native bf16 GEMMs) takes the whole mask in one block and dA stays one product with fp32 accumulation.
+_MASK_BLOCK_BYTES = 1 << 20
 
 
-def _add_masked_product_(dx, gb, a, keep, alpha) -> None:
-    """``dx += alpha * keep * (gb @ a)`` in row blocks through one reused buffer."""
-    rows = max(1, min(_MASKED_PRODUCT_ROWS, dx.shape[0]))
-    buf = torch.empty((rows, dx.shape[1]), dtype=dx.dtype, device=dx.device)
-    for r0 in range(0, dx.shape[0], rows):
-        r1 = min(r0 + rows, dx.shape[0])
-        prod = torch.mm(gb[r0:r1], a, out=buf[: r1 - r0])
-        dx[r0:r1].addcmul_(prod, keep[r0:r1], value=alpha)
+def _mask_block_rows(m: int, k: int, cdt: torch.dtype) -> int:
+    """Rows per block of the masked products (see _MASK_BLOCK_BYTES); at least 1, also when m == 0."""
+    if cdt != torch.float32:
+        return max(m, 1)
+    return max(1, min(m, _MASK_BLOCK_BYTES // (4 * max(k, 1))))
+
+
+def _masked_down_projection(xc: torch.Tensor, ac: torch.Tensor, dropout: Dropout) -> torch.Tensor:
+    """``xa = D(x) @ A^T`` in row blocks: each block's mask is turned into the masked block of x in place."""
+    (m, k), r = xc.shape, ac.shape[0]
+    xa = torch.empty((m, r), dtype=xc.dtype, device=xc.device)
+    rows = _mask_block_rows(m, k, xc.dtype)
+    keep_buf = torch.empty((rows, k), dtype=xc.dtype, device=xc.device)
+    for r0 in range(0, m, rows):
+        r1 = min(r0 + rows, m)
+        xd = dropout.keep_mask(r1 - r0, k, xc.device, row_start=r0, out=keep_buf[: r1 - r0]).mul_(xc[r0:r1])
+        torch.mm(xd, ac.t(), out=xa[r0:r1])
+    return xa.mul_(dropout.scale)
+
+
+def _masked_lora_grads(dx, gb, a, xc, dropout: Dropout, dx_scale: float, need_da: bool):
+    """In row blocks sharing one mask per block: ``dx += dx_scale * keep * (gb @ a)`` in place when ``dx`` is given,
+    and, when ``need_da``, returns the unscaled ``gb^T (keep * x)`` (None otherwise)."""
+    m, k = xc.shape
+    rows = _mask_block_rows(m, k, xc.dtype)
+    keep_buf = torch.empty((rows, k), dtype=xc.dtype, device=xc.device)
+    prod_buf = None if dx is None else torch.empty((rows, k), dtype=xc.dtype, device=xc.device)
+    da = None
+    for r0 in range(0, max(m, 1), rows):  # m == 0: one empty block, so dA comes out as zeros
+        r1 = min(r0 + rows, m)
+        keep = dropout.keep_mask(r1 - r0, k, xc.device, row_start=r0, out=keep_buf[: r1 - r0])
+        if dx is not None:
+            prod = torch.mm(gb[r0:r1], a, out=prod_buf[: r1 - r0])
+            dx[r0:r1].addcmul_(prod, keep, value=dx_scale)
+        if need_da:
+            xd = keep.mul_(xc[r0:r1])  # the block's mask is not needed after this: reuse its buffer
+            da = torch.mm(gb[r0:r1].t(), xd) if da is None else da.addmm_(gb[r0:r1].t(), xd)
+    return da
 
 
 def _transposed(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -143,19 +172,19 @@ def lora_backward(
     if need_dw:
         dw = torch.mm(g.t(), x.to(cdt)).to(weight.dtype)
 
-    keep = None
-    if dropout is not None and (need_dx or need_da):
-        keep = dropout.keep_mask(x.shape[0], x.shape[1], x.device, dtype=cdt)
     lora_scale = scaling if dropout is None else scaling * dropout.scale
-    if need_dx:
-        if keep is None:
+    if dropout is None:
+        if need_dx:
             dx.addmm_(gb, ac, alpha=scaling)
-        else:
-            _add_masked_product_(dx, gb, ac, keep, lora_scale)
+        if need_da:
+            # gb^T x as F.linear(gb^T, x^T): likewise the fastest layout measured
+            da = F.linear(gb.t(), x.to(cdt).t()).mul_(scaling)
+    elif need_dx or need_da:
+        da = _masked_lora_grads(dx, gb, ac, x.to(cdt), dropout, lora_scale, need_da)
+        if need_da:
+            da.mul_(lora_scale)
+    if need_dx:
         dx = dx.to(dtype)
     if need_da:
-        xc = x.to(cdt)
-        xd = xc if keep is None else keep.mul_(xc)  # the mask is not needed after this: reuse its buffer
-        # gb^T xd as F.linear(gb^T, xd^T): likewise the fastest layout measured
-        da = F.linear(gb.t(), xd.t()).mul_(lora_scale).to(lora_A.dtype)
+        da = da.to(lora_A.dtype)
     return dx, dw, da, db, dbias

@@ -69,6 +69,21 @@ def test_mask_chunking_is_invisible(monkeypatch):
     assert torch.equal(d.keep_mask(20, 37, "cpu", row_start=30), full[30:])
 
 
+def test_mask_into_reused_buffer():
+    """``out=``: the mask written into a caller's buffer (its dtype wins), the same bits as a fresh mask; a buffer
+    of the wrong shape or layout is an error, not a silent partial write."""
+    d = Dropout(0.3, seed=8)
+    buf = torch.full((40, 37), 7.0)
+    got = d.keep_mask(12, 37, "cpu", row_start=5, out=buf[3:15])
+    assert got.data_ptr() == buf[3:15].data_ptr()
+    assert torch.equal(got, d.keep_mask(12, 37, "cpu", row_start=5).float())
+    assert torch.all(buf[:3] == 7.0) and torch.all(buf[15:] == 7.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        d.keep_mask(12, 37, "cpu", out=buf[:13])
+    with pytest.raises(ValueError, match="contiguous"):
+        d.keep_mask(37, 12, "cpu", out=buf.t()[:, :12])  # right shape, column-major
+
+
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
 def test_keep_fraction_within_four_sigma(p):
     rows, cols = 512, 1000

@@ -228,6 +228,34 @@ def test_empty_batch(device, backend):
         assert torch.count_nonzero(A.grad) == 0 and torch.count_nonzero(B.grad) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("need_dx", [True, False])
+def test_torch_path_mask_blocks(monkeypatch, dtype, need_dx):
+    """The CPU torch path applies dropout over blocks of rows (normally ~1 MiB of mask each, so small inputs have
+    one): blocks of 16 rows over M = 37 (two full blocks and a remainder), with and without dx; every gradient,
+    W's included, against the float64 reference (bf16: the three-way rule; it computes in fp32 here)."""
+    from fused_lora import torch_ops
+
+    monkeypatch.setattr(torch_ops, "_MASK_BLOCK_BYTES", 16 * 100 * 4)
+    assert torch_ops._mask_block_rows(37, 100, torch_ops.compute_dtype(torch.empty(0, dtype=dtype))) == 16
+    inp = make_inputs(37, 100, 72, 8, dtype, "cpu")
+    grad = inp.pop("grad")
+    names = ("x", "weight", "lora_A", "lora_B", "bias") if need_dx else ("weight", "lora_A", "lora_B", "bias")
+    out = outputs_and_grads(_fused("torch", 1.3, 0.25, seed=21), inp, grad, requires=names)
+    ref = outputs_and_grads(_reference_fn(1.3, 0.25, seed=21), {k: v.double() for k, v in inp.items()},
+                            grad.double(), requires=names)
+    baseline = None
+    if dtype != torch.float32:
+        baseline = outputs_and_grads(_reference_fn(1.3, 0.25, seed=21, dtype=dtype), inp, grad, requires=names)
+    assert set(out) == {"y", *names}
+    for name in out:
+        assert out[name].dtype == dtype, name
+        if baseline is None:
+            assert_close_fp32(out[name], ref[name], name)
+        else:
+            assert_three_way(out[name], baseline[name], ref[name], name)
+
+
 def test_gradcheck_float64_torch_path():
     """Analytical gradients of the torch path against finite differences, dropout and bias included."""
     g = torch.Generator().manual_seed(0)

@@ -1,5 +1,6 @@
-"""NF4 weights: byte-exact quantization and bit-exact dequantization against bitsandbytes (the oracle), on the torch
-path and in the Triton kernel, and lossless interop with bitsandbytes' Params4bit / Linear4bit / state dicts.
+"""NF4 weights: byte-exact quantization and bit-exact dequantization against bitsandbytes (the oracle, dequantizing
+through a flat quant state: see bnb_oracle.py for the upstream CPU bug this avoids), on the torch path and in the
+Triton kernel, and lossless interop with bitsandbytes' Params4bit / Linear4bit / state dicts.
 
 Everything here is exact: no tolerances, except the one the Triton interpreter forces on bf16 outputs (it converts
 fp32 -> bf16 by truncation: within one bf16 ulp there, bit-exact on a GPU; see kernel-design.md).
@@ -20,6 +21,8 @@ from conftest import DEVICE_BACKENDS, HAS_CUDA
 
 bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional
+
+import bnb_oracle  # noqa: E402  (needs bitsandbytes)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -57,11 +60,6 @@ def _weight(shape, dtype, seed, scale=1.0):
     return w.to(dtype)
 
 
-def _bnb_dequantize(packed, qs, dtype):
-    qs.dtype = dtype  # dequantize_4bit's output dtype is the quant state's dtype
-    return F.dequantize_4bit(packed, qs)
-
-
 def _assert_bits_equal(out, ref, name=""):
     assert out.dtype == ref.dtype and out.shape == ref.shape, (
         f"{name}: {out.dtype} {tuple(out.shape)} vs {ref.dtype} {tuple(ref.shape)}")
@@ -87,6 +85,35 @@ def _assert_within_one_bf16_ulp(out, ref, name=""):
 def test_code_tables_match_bitsandbytes():
     _assert_bits_equal(NF4_CODE, F.get_4bit_type("nf4", device="cpu"), "NF4 table")
     _assert_bits_equal(dynamic_map(), F.create_dynamic_map(), "dynamic map")
+
+
+def test_bitsandbytes_cpu_dequantize_row_indexing():
+    """The upstream bug that bnb_oracle.py works around, shown where this bitsandbytes has it, and fused-lora right
+    either way. W [16, 96] at blocksize 64: blocks cross rows, so the format's flat block numbering and the per-row
+    numbering of bitsandbytes' AVX-512 CPU kernel pick different absmax values. Each is computed here from its
+    definition (codes decoded from the packed bytes, one fp32 product); bitsandbytes' 2-D dequantize_4bit must equal
+    one of them exactly, and fused-lora (quantized by itself or read from bitsandbytes' bytes) the format's."""
+    rows, cols, blocksize = 16, 96, 64
+    w = _weight((rows, cols), torch.float32, seed=3)
+    packed, qs = F.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=False)
+    flat = torch.arange(rows * cols)
+    byte = packed.reshape(-1)[flat // 2].long()
+    codes = torch.where(flat % 2 == 0, byte >> 4, byte & 0xF)
+    row, col = flat // cols, flat % cols
+    by_format = (NF4_CODE[codes] * qs.absmax[flat // blocksize]).reshape(rows, cols)
+    by_row = (NF4_CODE[codes] * qs.absmax[row * (cols // blocksize) + col // blocksize]).reshape(rows, cols)
+    assert (by_format - by_row).abs().max() > 0.5  # the data tells the two indexings apart
+    assert (by_format - w).abs().max() <= 0.5 * (1 - 0.7229568) * w.abs().max()  # half the widest NF4 level gap
+
+    _assert_bits_equal(quantize_nf4(w, blocksize=blocksize, double_quant=False).dequantize(), by_format, "ours")
+    _assert_bits_equal(NF4Weight.from_bnb((packed, qs)).dequantize(torch.float32), by_format, "ours from bnb")
+    _assert_bits_equal(bnb_oracle.dequantize(packed, qs), by_format, "bitsandbytes through a flat state")
+    theirs = F.dequantize_4bit(packed, qs)
+    if not torch.equal(theirs, by_format):
+        _assert_bits_equal(theirs, by_row, "bitsandbytes' 2-D dequantize, neither the format nor the known bug")
+        with bnb_oracle.format_exact_cpu_dequantize():
+            _assert_bits_equal(F.dequantize_4bit(packed, qs), by_format, "format_exact_cpu_dequantize")
+        _assert_bits_equal(F.dequantize_4bit(packed, qs), by_row, "bitsandbytes' own kernel restored")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -117,7 +144,7 @@ def test_quantize_and_dequantize_match_bitsandbytes(shape, blocksize, dtype, dou
     for out_dtype in DTYPES:
         with use_backend("torch"):
             got = ours.dequantize(out_dtype)
-        _assert_bits_equal(got, _bnb_dequantize(packed, qs, out_dtype), f"dequantize -> {out_dtype}")
+        _assert_bits_equal(got, bnb_oracle.dequantize(packed, qs, out_dtype), f"dequantize -> {out_dtype}")
     assert ours.dequantize().dtype == dtype  # default: the original dtype
 
 
@@ -135,7 +162,7 @@ def test_double_quant_uses_bitsandbytes_lookup_table_rounding():
     assert (nearest != qs.absmax).any(), "no value near a midpoint: the lookup-table rounding is not exercised"
     _assert_bits_equal(ours.qabsmax, qs.absmax, "qabsmax")
     _assert_bits_equal(ours.absmax2, qs.state2.absmax, "absmax2")
-    _assert_bits_equal(ours.dequantize(), F.dequantize_4bit(packed, qs), "dequantize")
+    _assert_bits_equal(ours.dequantize(), bnb_oracle.dequantize(packed, qs), "dequantize")
 
 
 def test_ties_go_to_the_lower_code():
@@ -224,7 +251,7 @@ def test_all_zero_blocks(double_quant):
     assert torch.equal(ours.data.view(-1)[outside], packed.view(-1)[outside])
     for out_dtype in DTYPES:
         got = ours.dequantize(out_dtype)
-        _assert_bits_equal(got, _bnb_dequantize(packed, qs, out_dtype), f"dequantize -> {out_dtype}")
+        _assert_bits_equal(got, bnb_oracle.dequantize(packed, qs, out_dtype), f"dequantize -> {out_dtype}")
         assert (got.view(-1)[64:128] == 0).all() and (got.view(-1)[384:] == 0).all()
 
 
@@ -239,7 +266,7 @@ def test_double_quant_with_constant_absmax():
     _assert_bits_equal(ours.absmax2, qs.state2.absmax, "absmax2")
     _assert_bits_equal(ours.data, packed, "packed data")
     _assert_bits_equal(ours.absmax_fp32(), torch.ones(12), "decoded absmax")
-    _assert_bits_equal(ours.dequantize(), F.dequantize_4bit(packed, qs), "dequantize")
+    _assert_bits_equal(ours.dequantize(), bnb_oracle.dequantize(packed, qs), "dequantize")
 
 
 def test_absmax_fp32_matches_bitsandbytes_decode():
@@ -273,7 +300,7 @@ def test_triton_dequantize_matches_bitsandbytes(device, backend, shape, blocksiz
     packed, qs = F.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)
     ours = quantize_nf4(w.to(device), blocksize=blocksize, double_quant=double_quant)
     for out_dtype in DTYPES:
-        ref = _bnb_dequantize(packed, qs, out_dtype)
+        ref = bnb_oracle.dequantize(packed, qs, out_dtype)
         with use_backend(backend):
             got = ours.dequantize(out_dtype).cpu()
         if out_dtype == torch.bfloat16 and device == "cpu":
@@ -285,7 +312,7 @@ def test_triton_dequantize_matches_bitsandbytes(device, backend, shape, blocksiz
     buf = torch.full((shape[1], shape[0]), float("nan"), device=device)
     with use_backend(backend):
         ours.dequantize(torch.float32, out=buf.t())
-    _assert_bits_equal(buf.t().cpu(), _bnb_dequantize(packed, qs, torch.float32), "transposed out")
+    _assert_bits_equal(buf.t().cpu(), bnb_oracle.dequantize(packed, qs, torch.float32), "transposed out")
 
 
 @pytest.mark.skipif(not TRITON_BACKENDS, reason="no Triton backend here (neither CUDA nor the interpreter)")
@@ -299,7 +326,7 @@ def test_triton_dequantize_int64_indexing(device, backend):
     ours = quantize_nf4(w.to(device), blocksize=32)
     got = nf4_dequantize(ours.data, ours.code, ours.qabsmax, ours.shape, 32, torch.float32, absmax2=ours.absmax2,
                          code2=ours.code2, offset=ours.offset, index_64=True)
-    _assert_bits_equal(got.cpu(), _bnb_dequantize(packed, qs, torch.float32), "int64 indexing")
+    _assert_bits_equal(got.cpu(), bnb_oracle.dequantize(packed, qs, torch.float32), "int64 indexing")
 
 
 def test_triton_backend_is_not_used_under_torch(monkeypatch):
@@ -426,7 +453,7 @@ def test_from_bnb(kind, double_quant):
     assert ours.data.data_ptr() == param.data.data_ptr()  # shared, not re-quantized
     assert ours.shape == (32, 100) and ours.dtype == torch.bfloat16 and ours.nested == double_quant
     for out_dtype in DTYPES:
-        _assert_bits_equal(ours.dequantize(out_dtype), _bnb_dequantize(param.data, param.quant_state, out_dtype),
+        _assert_bits_equal(ours.dequantize(out_dtype), bnb_oracle.dequantize(param.data, param.quant_state, out_dtype),
                            f"from_bnb -> {out_dtype}")
 
 
@@ -443,10 +470,11 @@ def test_from_bnb_reads_arbitrary_states_without_requantizing():
                       dtype=torch.float16, offset=torch.rand((), generator=gen), state2=state2)
     ours = NF4Weight.from_bnb((packed, qs))
     for out_dtype in DTYPES:
-        _assert_bits_equal(ours.dequantize(out_dtype), _bnb_dequantize(packed, qs, out_dtype), str(out_dtype))
+        _assert_bits_equal(ours.dequantize(out_dtype), bnb_oracle.dequantize(packed, qs, out_dtype), str(out_dtype))
     # bitsandbytes' legacy transposed packing ([1, k]): same bytes; dequantize_4bit then returns W^T
     legacy = NF4Weight.from_bnb((packed.t(), qs))
-    _assert_bits_equal(legacy.dequantize(torch.float32).t(), _bnb_dequantize(packed.t(), qs, torch.float32), "legacy")
+    _assert_bits_equal(legacy.dequantize(torch.float32).t(), bnb_oracle.dequantize(packed.t(), qs, torch.float32),
+                       "legacy")
 
 
 def test_from_bnb_non_uint8_storage():
@@ -454,7 +482,7 @@ def test_from_bnb_non_uint8_storage():
     assert lin.weight.dtype == torch.bfloat16
     ours = NF4Weight.from_bnb(lin)
     assert ours.data.dtype == torch.uint8
-    _assert_bits_equal(ours.dequantize(), F.dequantize_4bit(lin.weight.data, lin.weight.quant_state), "dequantize")
+    _assert_bits_equal(ours.dequantize(), bnb_oracle.dequantize(lin.weight.data, lin.weight.quant_state), "dequantize")
 
 
 def test_bnb_state_dict_to_ours():
@@ -465,7 +493,7 @@ def test_bnb_state_dict_to_ours():
     _assert_bits_equal(ours.data, param.data, "packed data")
     _assert_bits_equal(ours.code2, sd["0.weight.nested_quant_map"], "code2")
     for out_dtype in DTYPES:
-        _assert_bits_equal(ours.dequantize(out_dtype), _bnb_dequantize(param.data, param.quant_state, out_dtype),
+        _assert_bits_equal(ours.dequantize(out_dtype), bnb_oracle.dequantize(param.data, param.quant_state, out_dtype),
                            f"from_state_dict -> {out_dtype}")
 
 
@@ -477,8 +505,8 @@ def test_nested_map_is_read_from_the_checkpoint():
     ours = NF4Weight.from_state_dict(sd)
     p = bnb.nn.Params4bit.from_prequantized(sd["weight"], {k: v for k, v in sd.items() if k.startswith("weight.")},
                                             device="cpu")
-    _assert_bits_equal(ours.dequantize(), F.dequantize_4bit(p.data, p.quant_state), "custom nested map")
-    assert not torch.equal(ours.dequantize(), F.dequantize_4bit(lin.weight.data, lin.weight.quant_state))
+    _assert_bits_equal(ours.dequantize(), bnb_oracle.dequantize(p.data, p.quant_state), "custom nested map")
+    assert not torch.equal(ours.dequantize(), bnb_oracle.dequantize(lin.weight.data, lin.weight.quant_state))
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -508,8 +536,8 @@ def test_to_state_dict_is_bitsandbytes_format(dtype, double_quant):
     for key in ours:
         _assert_bits_equal(fresh_sd[key], ours[key], f"reloaded {key}")
     for out_dtype in DTYPES:
-        _assert_bits_equal(_bnb_dequantize(loaded.data, loaded.quant_state, out_dtype), ours_w.dequantize(out_dtype),
-                           f"bitsandbytes reading ours -> {out_dtype}")
+        _assert_bits_equal(bnb_oracle.dequantize(loaded.data, loaded.quant_state, out_dtype),
+                           ours_w.dequantize(out_dtype), f"bitsandbytes reading ours -> {out_dtype}")
 
     # and our own round trip
     back = NF4Weight.from_state_dict(ours, prefix="layer.")

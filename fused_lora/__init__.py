@@ -12,6 +12,7 @@ Public API::
     from_peft(peft_model), merge_and_unload(model), print_trainable_parameters(model)
     save_adapter(model, path, base_model_name_or_path=None), load_adapter(model, path)
     set_backend("auto" | "triton" | "torch"), use_backend(name), get_backend()
+    set_cpu_half_compute("auto" | "fp32" | "native"), use_cpu_half_compute(policy), get_cpu_half_compute()
 """
 
 from ._backend import get_backend, set_backend, use_backend
@@ -27,6 +28,7 @@ from .model import (
     trainable_parameters_summary,
 )
 from .nf4 import NF4Weight, quantize_nf4
+from .torch_ops import get_cpu_half_compute, set_cpu_half_compute, use_cpu_half_compute
 
 __version__ = "0.1.0"
 
@@ -39,6 +41,7 @@ __all__ = [
     "from_peft",
     "fused_lora_linear",
     "get_backend",
+    "get_cpu_half_compute",
     "load_adapter",
     "lora_layers",
     "merge_and_unload",
@@ -46,6 +49,8 @@ __all__ = [
     "quantize_nf4",
     "save_adapter",
     "set_backend",
+    "set_cpu_half_compute",
     "trainable_parameters_summary",
     "use_backend",
+    "use_cpu_half_compute",
 ]

@@ -13,54 +13,34 @@ variable ``FUSED_LORA_BACKEND`` read at import time.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-import threading
 from typing import Iterator, Optional
 
 import torch
 
+from ._settings import Setting
+
 BACKENDS = ("auto", "triton", "torch")
 
-
-def _validated(name: str, source: str) -> str:
-    if not isinstance(name, str) or name.strip().lower() not in BACKENDS:
-        raise ValueError(f"{source}={name!r} is not a fused-lora backend; choose one of {', '.join(BACKENDS)}")
-    return name.strip().lower()
-
-
-_default_backend = _validated(os.environ.get("FUSED_LORA_BACKEND", "auto"), "FUSED_LORA_BACKEND")
-_local = threading.local()  # use_backend() overrides are per thread
+_BACKEND = Setting("fused-lora backend", "backend", BACKENDS, "FUSED_LORA_BACKEND", "auto")
 
 
 def set_backend(name: str) -> None:
     """Set the process-wide backend: ``"auto"``, ``"triton"`` or ``"torch"``."""
-    global _default_backend
-    _default_backend = _validated(name, "backend")
+    _BACKEND.set(name)
 
 
 def get_backend() -> str:
     """The backend currently requested (``use_backend`` overrides ``set_backend``)."""
-    stack = getattr(_local, "stack", None)
-    return stack[-1] if stack else _default_backend
+    return _BACKEND.get()
 
 
-@contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Context manager selecting a backend for the calls made inside it (this thread only).
 
     Backward passes run by autograd use the backend chosen when their forward ran.
     """
-    name = _validated(name, "backend")
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    stack.append(name)
-    try:
-        yield
-    finally:
-        stack.pop()
+    return _BACKEND.use(name)
 
 
 @functools.lru_cache(maxsize=None)

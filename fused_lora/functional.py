@@ -20,11 +20,12 @@ _NF4_ACTIVATION_DTYPES = NF4_DTYPES
 
 
 def _select_backend(x: torch.Tensor, out_features: int) -> str:
-    """"torch" or "triton" for this call (see fused_lora._backend for the rule)."""
+    """``"triton"`` or ``"torch:<policy>"`` for this call (see fused_lora._backend for the rule). The torch path
+    carries the CPU half-precision compute policy in force at forward, so its backward follows the same one."""
     backend = resolve_backend(x.device)
     if backend == "torch" or x.numel() == 0 or out_features == 0:
         # Empty problems have exact, trivial results (empty outputs, zero gradients): no kernel launch needed.
-        return "torch"
+        return f"torch:{torch_ops.get_cpu_half_compute()}"
     if x.dtype == torch.float64:
         raise TypeError(
             "the Triton backend computes in float32/float16/bfloat16, got float64 tensors; "
@@ -33,13 +34,14 @@ def _select_backend(x: torch.Tensor, out_features: int) -> str:
     return "triton"
 
 
-def _implementation(backend: str):
-    """The module implementing ``lora_forward`` / ``lora_backward`` for a backend name."""
-    if backend == "torch":
-        return torch_ops
-    from . import kernels
+def _run(backend: str, name: str, *args):
+    """``lora_forward`` or ``lora_backward`` (``name``) of the implementation ``backend`` names."""
+    if backend == "triton":
+        from . import kernels
 
-    return kernels
+        return getattr(kernels, name)(*args)
+    with torch_ops.use_cpu_half_compute(backend.partition(":")[2]):
+        return getattr(torch_ops, name)(*args)
 
 
 def _dropout(dropout_p: float, seed: Optional[torch.Tensor]) -> Optional[Dropout]:
@@ -90,9 +92,8 @@ def lora_linear_forward(
     bias: Optional[torch.Tensor], scaling: float, dropout_p: float, seed: Optional[torch.Tensor], backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(y, xa)`` for 2-D x: ``y = x W^T + scaling * xa B^T + bias`` and ``xa = D(x) A^T``."""
-    return _implementation(backend).lora_forward(
-        x, unpack_weight(weight, weight_meta), lora_A, lora_B, bias, scaling, _dropout(dropout_p, seed)
-    )
+    return _run(backend, "lora_forward",
+                x, unpack_weight(weight, weight_meta), lora_A, lora_B, bias, scaling, _dropout(dropout_p, seed))
 
 
 @lora_linear_forward.register_fake
@@ -108,10 +109,8 @@ def lora_linear_backward(
     seed: Optional[torch.Tensor], backend: str, needs: List[bool],
 ) -> List[torch.Tensor]:
     """``[dx, dW, dA, dB, dbias]``; an entry not flagged in ``needs`` is an empty tensor."""
-    grads = _implementation(backend).lora_backward(
-        grad_out, x, unpack_weight(weight, weight_meta), lora_A, lora_B, xa, scaling, _dropout(dropout_p, seed),
-        tuple(needs),
-    )
+    grads = _run(backend, "lora_backward", grad_out, x, unpack_weight(weight, weight_meta), lora_A, lora_B, xa,
+                 scaling, _dropout(dropout_p, seed), tuple(needs))
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 

@@ -9,20 +9,28 @@ Speed on CPU comes from what is *not* done: no separate scale or add passes (``a
 accumulates the LoRA term into the base product in place), no stored dropout mask (it is regenerated from the
 seed), and no copy of x into the adapter dtype.
 
-Half precision on CPUs without native bf16/fp16 matrix units (no AVX512-BF16 / AMX): PyTorch's bf16 and fp16
-matmuls there are 10-150x slower than fp32 (measured 2048x1024x1024 on an AVX2 Zen 3: fp32 35 ms, bf16 250 ms to
-5.4 s depending on layout). On such CPUs the products are computed in fp32 and rounded once to the activation
-dtype, which is what a native half-precision GEMM with fp32 accumulation computes, only faster.
+Half precision on the CPU follows one of two compute policies (:func:`set_cpu_half_compute`):
+
+* ``"fp32"``: the products are computed in fp32 and rounded once to the activation dtype -- what a native
+  half-precision GEMM with fp32 accumulation computes, only faster where the CPU has no bf16/fp16 matrix units (no
+  AVX512-BF16 / AMX): PyTorch's half-precision matmuls there are 10-150x slower than fp32 (measured
+  2048x1024x1024 on an AVX2 Zen 3: fp32 35 ms, bf16 250 ms to 5.4 s depending on layout).
+* ``"native"``: the products run in the activation dtype (PyTorch's own half-precision GEMMs).
+* ``"auto"`` (default): ``"native"`` where the CPU has native units for the dtype, ``"fp32"`` elsewhere.
+
+Both policies round at the same points; they can differ in the last bit of an element (summation order). CUDA
+tensors always compute in their own dtype.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ._settings import Setting
 from .dropout import Dropout
 from .nf4 import NF4Weight
 
@@ -42,9 +50,41 @@ def _cpu_has_native(dtype: torch.dtype) -> bool:
     return False
 
 
+CPU_HALF_COMPUTE_POLICIES = ("auto", "fp32", "native")
+
+_CPU_HALF_COMPUTE = Setting("CPU half-precision compute policy", "policy", CPU_HALF_COMPUTE_POLICIES,
+                            "FUSED_LORA_CPU_HALF_COMPUTE", "auto")
+
+
+def set_cpu_half_compute(policy: str) -> None:
+    """How the torch path multiplies fp16 / bf16 CPU tensors: ``"fp32"`` (fp32 products rounded once),
+    ``"native"`` (PyTorch's half-precision GEMMs) or ``"auto"`` (native where the CPU has bf16 / fp16 matrix
+    units, fp32 elsewhere). Also set by the environment variable ``FUSED_LORA_CPU_HALF_COMPUTE`` at import."""
+    _CPU_HALF_COMPUTE.set(policy)
+
+
+def get_cpu_half_compute() -> str:
+    """The CPU half-precision compute policy requested (``use_cpu_half_compute`` overrides the default)."""
+    return _CPU_HALF_COMPUTE.get()
+
+
+def use_cpu_half_compute(policy: str) -> Iterator[None]:
+    """Context manager: the CPU half-precision compute policy for the calls made inside it (this thread only).
+    Backward passes run by autograd use the policy in force when their forward ran."""
+    return _CPU_HALF_COMPUTE.use(policy)
+
+
+def resolved_cpu_half_compute(dtype: torch.dtype) -> str:
+    """``"fp32"`` or ``"native"``: what the policy in force means for CPU activations of ``dtype``."""
+    policy = get_cpu_half_compute()
+    if policy == "auto":
+        return "native" if dtype not in _HALF or _cpu_has_native(dtype) else "fp32"
+    return policy
+
+
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype the torch path multiplies in for activations like ``t``."""
-    if t.dtype in _HALF and t.device.type == "cpu" and not _cpu_has_native(t.dtype):
+    if t.dtype in _HALF and t.device.type == "cpu" and resolved_cpu_half_compute(t.dtype) == "fp32":
         return torch.float32
     return t.dtype
 

@@ -228,20 +228,35 @@ def test_empty_batch(device, backend):
         assert torch.count_nonzero(A.grad) == 0 and torch.count_nonzero(B.grad) == 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("need_dx", [True, False])
-def test_torch_path_mask_blocks(monkeypatch, dtype, need_dx):
-    """The CPU torch path applies dropout over blocks of rows (normally ~1 MiB of mask each, so small inputs have
-    one): blocks of 16 rows over M = 37 (two full blocks and a remainder), with and without dx; every gradient,
-    W's included, against the float64 reference (bf16: the three-way rule; it computes in fp32 here)."""
+def _require_cpu_half_compute(policy, dtype):
+    """Skip the native policy for a half dtype where the CPU has no matrix units for it: PyTorch's half-precision
+    GEMMs there are 10-150x slower than fp32 (the policy still works, it is only slow)."""
     from fused_lora import torch_ops
 
+    if policy == "native" and dtype in (torch.float16, torch.bfloat16) and not torch_ops._cpu_has_native(dtype):
+        pytest.skip(f"this CPU has no native {dtype} matrix units (bf16: AVX512-BF16 or AMX, fp16: AMX-FP16)")
+
+
+@pytest.mark.parametrize("dtype,policy", [(torch.float32, "auto"), (torch.bfloat16, "fp32"),
+                                          (torch.bfloat16, "native")])
+@pytest.mark.parametrize("need_dx", [True, False])
+def test_torch_path_mask_blocks(monkeypatch, dtype, policy, need_dx):
+    """The CPU torch path applies dropout over blocks of rows (normally ~1 MiB of mask each, so small inputs have
+    one): blocks of 16 rows over M = 37 (two full blocks and a remainder) when it computes in fp32, with and without
+    dx; every gradient, W's included, against the float64 reference (bf16: the three-way rule). With the native
+    half-precision policy the whole mask is one block (its dA partial sums would round in bf16)."""
+    from fused_lora import torch_ops, use_cpu_half_compute
+
+    _require_cpu_half_compute(policy, dtype)
     monkeypatch.setattr(torch_ops, "_MASK_BLOCK_BYTES", 16 * 100 * 4)
-    assert torch_ops._mask_block_rows(37, 100, torch_ops.compute_dtype(torch.empty(0, dtype=dtype))) == 16
-    inp = make_inputs(37, 100, 72, 8, dtype, "cpu")
-    grad = inp.pop("grad")
-    names = ("x", "weight", "lora_A", "lora_B", "bias") if need_dx else ("weight", "lora_A", "lora_B", "bias")
-    out = outputs_and_grads(_fused("torch", 1.3, 0.25, seed=21), inp, grad, requires=names)
+    with use_cpu_half_compute(policy):
+        cdt = torch_ops.compute_dtype(torch.empty(0, dtype=dtype))
+        assert cdt == (dtype if policy == "native" else torch.float32)
+        assert torch_ops._mask_block_rows(37, 100, cdt) == (37 if policy == "native" else 16)
+        inp = make_inputs(37, 100, 72, 8, dtype, "cpu")
+        grad = inp.pop("grad")
+        names = ("x", "weight", "lora_A", "lora_B", "bias") if need_dx else ("weight", "lora_A", "lora_B", "bias")
+        out = outputs_and_grads(_fused("torch", 1.3, 0.25, seed=21), inp, grad, requires=names)
     ref = outputs_and_grads(_reference_fn(1.3, 0.25, seed=21), {k: v.double() for k, v in inp.items()},
                             grad.double(), requires=names)
     baseline = None
@@ -254,6 +269,42 @@ def test_torch_path_mask_blocks(monkeypatch, dtype, need_dx):
             assert_close_fp32(out[name], ref[name], name)
         else:
             assert_three_way(out[name], baseline[name], ref[name], name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("policy", ["fp32", "native"])
+def test_torch_path_cpu_half_compute_policies(monkeypatch, dtype, policy):
+    """Both CPU half-precision policies, whatever this host's default: the torch path multiplies in the dtype
+    the policy names (checked on the GEMM calls themselves), the backward follows the policy of its forward even
+    when another is in force, and outputs and gradients pass the three-way rule against float64."""
+    from fused_lora import use_cpu_half_compute
+
+    _require_cpu_half_compute(policy, dtype)
+    want = dtype if policy == "native" else torch.float32
+    other = "native" if policy == "fp32" else "fp32"
+    seen = []
+    real_mm = torch.mm
+
+    def spy_mm(a, b, *args, **kwargs):
+        seen.append((a.dtype, b.dtype))
+        return real_mm(a, b, *args, **kwargs)
+
+    inp = make_inputs(37, 100, 33, 8, dtype, "cpu")
+    grad = inp.pop("grad")
+    with use_cpu_half_compute(policy):
+        leaves = {k: v.clone().requires_grad_(k != "weight") for k, v in inp.items()}
+        y = _fused("torch", 2.0, 0.1, seed=8)(**leaves)
+    with use_cpu_half_compute(other), monkeypatch.context() as patch:
+        patch.setattr(torch, "mm", spy_mm)  # the torch path's masked products and dx GEMM go through torch.mm
+        y.backward(grad)
+    assert seen and all(d == (want, want) for d in seen), seen
+    out = {"y": y.detach(), **{k: v.grad for k, v in leaves.items() if v.grad is not None}}
+    baseline = outputs_and_grads(_reference_fn(2.0, 0.1, seed=8, dtype=dtype), inp, grad)
+    ref = outputs_and_grads(_reference_fn(2.0, 0.1, seed=8), {k: v.double() for k, v in inp.items()}, grad.double())
+    assert set(out) == set(ref)
+    for name in out:
+        assert out[name].dtype == dtype, name
+        assert_three_way(out[name], baseline[name], ref[name], name)
 
 
 def test_gradcheck_float64_torch_path():

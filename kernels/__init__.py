@@ -7,10 +7,27 @@ bitsandbytes' NF4 format. ``INTERPRETING`` records whether the kernels were buil
 """
 
 import os
+import sys
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if __name__ == "kernels":
+    # Imported as a top-level ``kernels``: the repository root is on sys.path (it is the working directory of
+    # `python -m ...` or `python -c ...`). That name belongs to Hugging Face's package, which bitsandbytes and
+    # transformers import: hand the import over to it, or fail exactly as if this folder were not there.
+    import importlib.machinery
+    import importlib.util
 
-from .lora import lora_backward, lora_forward  # noqa: E402
-from .nf4 import nf4_decode_tile, nf4_dequantize  # noqa: E402
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec(__name__, _elsewhere)
+    if _spec is None:
+        raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules[__name__] = _module  # what the import statement returns
+    _spec.loader.exec_module(_module)
+else:
+    INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-__all__ = ["INTERPRETING", "lora_forward", "lora_backward", "nf4_decode_tile", "nf4_dequantize"]
+    from .lora import lora_backward, lora_forward  # noqa: E402
+    from .nf4 import nf4_decode_tile, nf4_dequantize  # noqa: E402
+
+    __all__ = ["INTERPRETING", "lora_forward", "lora_backward", "nf4_decode_tile", "nf4_dequantize"]

@@ -18,7 +18,8 @@ from conftest import INTERPRETING
 
 def _run_python(code: str, **env) -> subprocess.CompletedProcess:
     """Run code in a fresh interpreter (backend state and TRITON_INTERPRET are read at import)."""
-    base = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSED_LORA_BACKEND")}
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("TRITON_INTERPRET", "FUSED_LORA_BACKEND", "FUSED_LORA_CPU_HALF_COMPUTE")}
     base.update(env)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=base,
                           timeout=300)
@@ -81,19 +82,63 @@ def test_environment_variable():
     assert proc.returncode != 0 and "FUSED_LORA_BACKEND='tritno' is not a fused-lora backend" in proc.stderr
 
 
-def test_kernels_install_under_fused_lora_namespace(tmp_path):
-    """`kernels/` ships as fused_lora.kernels; a top-level `kernels` would shadow Hugging Face's package."""
+def test_cpu_half_compute_policy_setting():
+    """set_cpu_half_compute / use_cpu_half_compute / FUSED_LORA_CPU_HALF_COMPUTE, validated like the backend."""
+    assert fused_lora.get_cpu_half_compute() == "auto"
+    with fused_lora.use_cpu_half_compute("FP32"):
+        assert fused_lora.get_cpu_half_compute() == "fp32"
+        with fused_lora.use_cpu_half_compute("native"):
+            assert fused_lora.get_cpu_half_compute() == "native"
+        assert fused_lora.get_cpu_half_compute() == "fp32"
+    fused_lora.set_cpu_half_compute("native")
+    try:
+        assert fused_lora.get_cpu_half_compute() == "native"
+    finally:
+        fused_lora.set_cpu_half_compute("auto")
+    for bad in ("bf16", "", None):
+        with pytest.raises(ValueError, match="is not a CPU half-precision compute policy; choose one of auto, fp32"):
+            fused_lora.set_cpu_half_compute(bad)
+    proc = _run_python("import fused_lora; print(fused_lora.get_cpu_half_compute())",
+                       FUSED_LORA_CPU_HALF_COMPUTE="fp32")
+    assert proc.stdout.strip() == "fp32", proc.stderr
+    proc = _run_python("import fused_lora", FUSED_LORA_CPU_HALF_COMPUTE="fast")
+    assert proc.returncode != 0 and "FUSED_LORA_CPU_HALF_COMPUTE='fast' is not a CPU half-precision" in proc.stderr
+
+
+_WHICH_KERNELS = """
+    import fused_lora.kernels as ours
+    assert ours.__name__ == "fused_lora.kernels" and hasattr(ours, "lora_forward")
+    try:
+        import kernels
+    except ModuleNotFoundError as exc:
+        print("absent", exc.name)
+    else:
+        print("found", kernels.__file__)
+    """
+
+
+def _which_kernels(cwd, *args, **env) -> str:
+    """What `import kernels` finds in a fresh interpreter started in ``cwd`` (``python [args] -c``)."""
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    base.update(env)
+    proc = subprocess.run([sys.executable, *args, "-c", textwrap.dedent(_WHICH_KERNELS)], capture_output=True,
+                          text=True, cwd=cwd, env=base, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_kernels_folder_never_shadows_hugging_face_kernels(tmp_path):
+    """`kernels/` ships as fused_lora.kernels. A top-level `kernels` is Hugging Face's package (bitsandbytes and
+    transformers import it): from anywhere, the repository root (the working directory, first on sys.path)
+    included, `import kernels` finds that package when it is installed and fails as usual when it is not."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(fused_lora.__file__)))
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(
-            """
-            import importlib.util, fused_lora.kernels as k
-            spec = importlib.util.find_spec("kernels")
-            print(k.__name__, "none" if spec is None else spec.origin)
-            """
-        )],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-    )
-    name, top_level = proc.stdout.split()
-    assert name == "fused_lora.kernels", proc.stderr
-    assert top_level == "none" or not top_level.startswith(repo), top_level
+    hf = tmp_path / "site" / "kernels"
+    hf.mkdir(parents=True)
+    (hf / "__init__.py").write_text("def get_kernel(*args, **kwargs):\n    return None\n")
+    for cwd in (tmp_path, repo):
+        assert _which_kernels(cwd) == "absent kernels", cwd
+        found = _which_kernels(cwd, PYTHONPATH=str(tmp_path / "site"))
+        assert found == f"found {hf / '__init__.py'}", (cwd, found)
+    # the repository root ahead of the installed package on sys.path, as `python -m pytest` run there puts it
+    found = _which_kernels(tmp_path, PYTHONPATH=os.pathsep.join([repo, str(tmp_path / "site")]))
+    assert found == f"found {hf / '__init__.py'}", found

@@ -12,7 +12,8 @@ import sys
 if __name__ == "kernels":
     # Imported as a top-level ``kernels``: the repository root is on sys.path (it is the working directory of
     # `python -m ...` or `python -c ...`). That name belongs to Hugging Face's package, which bitsandbytes and
-    # transformers import: hand the import over to it, or fail exactly as if this folder were not there.
+    # transformers import: hand the import over to it. Where it is not installed, leave what Python makes of a
+    # folder without __init__.py -- an empty namespace package, which those importers treat as absent.
     import importlib.machinery
     import importlib.util
 
@@ -20,10 +21,12 @@ if __name__ == "kernels":
     _elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
     _spec = importlib.machinery.PathFinder.find_spec(__name__, _elsewhere)
     if _spec is None:
-        raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
+        _spec = importlib.machinery.ModuleSpec(__name__, None, is_package=True)
+        _spec.submodule_search_locations = []
     _module = importlib.util.module_from_spec(_spec)
     sys.modules[__name__] = _module  # what the import statement returns
-    _spec.loader.exec_module(_module)
+    if _spec.loader is not None:
+        _spec.loader.exec_module(_module)
 else:
     INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 

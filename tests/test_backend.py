@@ -106,6 +106,7 @@ def test_cpu_half_compute_policy_setting():
 
 
 _WHICH_KERNELS = """
+    import importlib.util
     import fused_lora.kernels as ours
     assert ours.__name__ == "fused_lora.kernels" and hasattr(ours, "lora_forward")
     try:
@@ -113,7 +114,12 @@ _WHICH_KERNELS = """
     except ModuleNotFoundError as exc:
         print("absent", exc.name)
     else:
-        print("found", kernels.__file__)
+        if getattr(kernels, "__file__", None) is None:  # a PEP 420 namespace package: nothing in it
+            assert not [name for name in vars(kernels) if not name.startswith("__")], vars(kernels)
+            assert importlib.util.find_spec("kernels") is kernels.__spec__
+            print("empty namespace")
+        else:
+            print("found", kernels.__file__)
     """
 
 
@@ -130,15 +136,31 @@ def _which_kernels(cwd, *args, **env) -> str:
 def test_kernels_folder_never_shadows_hugging_face_kernels(tmp_path):
     """`kernels/` ships as fused_lora.kernels. A top-level `kernels` is Hugging Face's package (bitsandbytes and
     transformers import it): from anywhere, the repository root (the working directory, first on sys.path)
-    included, `import kernels` finds that package when it is installed and fails as usual when it is not."""
+    included, `import kernels` finds that package when it is installed. When it is not, the repository root
+    gives what Python gives for any folder named kernels without __init__.py (an empty namespace package, which
+    transformers' availability check reads as absent) and anywhere else ModuleNotFoundError."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(fused_lora.__file__)))
     hf = tmp_path / "site" / "kernels"
     hf.mkdir(parents=True)
     (hf / "__init__.py").write_text("def get_kernel(*args, **kwargs):\n    return None\n")
+    assert _which_kernels(tmp_path) == "absent kernels"
+    assert _which_kernels(repo) == "empty namespace"
     for cwd in (tmp_path, repo):
-        assert _which_kernels(cwd) == "absent kernels", cwd
         found = _which_kernels(cwd, PYTHONPATH=str(tmp_path / "site"))
         assert found == f"found {hf / '__init__.py'}", (cwd, found)
     # the repository root ahead of the installed package on sys.path, as `python -m pytest` run there puts it
     found = _which_kernels(tmp_path, PYTHONPATH=os.pathsep.join([repo, str(tmp_path / "site")]))
     assert found == f"found {hf / '__init__.py'}", found
+
+
+def test_transformers_sees_no_kernels_package_from_the_repository_root():
+    """transformers' availability check imports a `kernels` that has no metadata: from the repository root it
+    must conclude what it concludes elsewhere (this process runs there under `make test`)."""
+    pytest.importorskip("transformers")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(fused_lora.__file__)))
+    code = ("from transformers.utils import import_utils as u; "
+            "print(u._is_package_available('kernels', return_version=True)[0], u.is_kernels_available())")
+    here = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=300)
+    elsewhere = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=300)
+    assert here.returncode == 0 and elsewhere.returncode == 0, here.stderr + elsewhere.stderr
+    assert here.stdout == elsewhere.stdout, (here.stdout, elsewhere.stdout)

@@ -32,6 +32,7 @@ from .model import (
     LoraModelMeta,
     _check_modules_to_save_not_shared,
     _set_trainability,
+    check_regexes,
     execute_plan,
     get_meta,
     lora_layers,
@@ -323,6 +324,20 @@ def _validate_config(config: dict, where: str) -> None:
     dropout = config.get("lora_dropout", 0.0)
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"{where}: lora_dropout={dropout!r} must be a number in [0, 1)")
+    # PEFT writes ranks as JSON integers: anything else (0, "4", 4.0, true) is refused, for new and existing layers.
+    ranks = [("r", config["r"])] + [(f"rank_pattern[{k!r}]", v) for k, v in (config.get("rank_pattern") or {}).items()]
+    for name, value in ranks:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: {name}={value!r} must be a positive integer (the LoRA rank)")
+    alphas = [("lora_alpha", config["lora_alpha"])]
+    alphas += [(f"alpha_pattern[{k!r}]", v) for k, v in (config.get("alpha_pattern") or {}).items()]
+    for name, value in alphas:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{where}: {name}={value!r} must be a finite number")
+    mts = config.get("modules_to_save")
+    check_regexes(config.get("target_modules"), config.get("exclude_modules"),
+                  mts if isinstance(mts, (list, tuple)) else (), config.get("rank_pattern"),
+                  config.get("alpha_pattern"), where=f"{where}: ")
 
 
 def read_adapter_weights(path: PathLike) -> Dict[str, torch.Tensor]:
@@ -340,6 +355,18 @@ def read_adapter_weights(path: PathLike) -> Dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no {SAFETENSORS_NAME} (or {BIN_NAME}) in adapter directory {os.fspath(path)!r}")
 
 
+def _check_lora_tensor(key: str, t: torch.Tensor, where: str) -> None:
+    """A LoRA A / B from a file must hold finite floating-point values (copying would silently truncate integers or
+    spread NaN / inf into every output)."""
+    if not t.is_floating_point():
+        raise TypeError(f"{where}: {key} has dtype {t.dtype}; LoRA A / B weights must be floating point")
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        first = bad.nonzero()[0].tolist()
+        raise ValueError(f"{where}: {key} has {int(bad.sum())} non-finite value(s) (NaN / inf), the first at index "
+                         f"{first}: {t[tuple(first)].item()}")
+
+
 def _split_keys(tensors: Mapping[str, torch.Tensor], mts_names: List[str], where: str):
     """``{module: {"lora_A": t, "lora_B": t}}`` and ``{modules_to_save module: {key: t}}``; anything else is an error."""
     lora: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -354,6 +381,7 @@ def _split_keys(tensors: Mapping[str, torch.Tensor], mts_names: List[str], where
             continue
         for part, suffix in (("lora_A", LORA_SUFFIXES[0]), ("lora_B", LORA_SUFFIXES[1])):
             if rest.endswith(suffix):
+                _check_lora_tensor(key, t, where)
                 lora.setdefault(rest[: -len(suffix)], {})[part] = t
                 break
         else:
@@ -379,14 +407,18 @@ def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True) ->
       ``lora_alpha`` and ``use_rslora`` (their ``lora_dropout`` is kept: it does not change outputs);
       ``modules_to_save`` are resolved on the model.
 
-    Every LoRA layer receives the file's A and B (copied; rounded if the layer's dtype differs, with a warning).
+    Every LoRA layer receives the file's A and B (copied; rounded if the layer's dtype differs, with a warning); a
+    merged layer is unmerged first and merged again with the new adapter.
     ``modules_to_save`` modules receive their full saved state. Afterwards A, B and the ``modules_to_save`` parameters
     have ``requires_grad=is_trainable``; everything else is frozen.
 
     Errors (before the model is modified) name the key or field: a layer without its tensors (missing key), a tensor
     for no layer (unexpected key), a shape that does not match, a config fused-lora cannot honour (``peft_type`` other
     than LORA, ``use_dora``, ``fan_in_fan_out``, ``lora_bias``, ``bias`` other than "none", ``layer_replication``,
-    ``layers_to_transform``, non-plain ``init_lora_weights``, unknown fields with non-default values, ...).
+    ``layers_to_transform``, non-plain ``init_lora_weights``, unknown fields with non-default values, ...), an
+    ``r`` / ``rank_pattern`` value that is not a positive JSON integer, an ``lora_alpha`` / ``alpha_pattern`` value
+    that is not a finite number, an invalid regular expression; a LoRA A / B tensor of an integer dtype
+    (``TypeError``) or holding NaN / inf (``ValueError``).
     """
     model = unwrap_model(model)
     config = read_adapter_config(path)
@@ -470,11 +502,9 @@ def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True) ->
     cast = set()
     with torch.no_grad():
         for name, layer in lora_layers(model):
-            for part in ("lora_A", "lora_B"):
-                src, dst = lora[name][part], getattr(layer, part)
-                if src.dtype != dst.dtype:
-                    cast.add((src.dtype, dst.dtype))
-                dst.copy_(src)
+            cast.update((lora[name][part].dtype, getattr(layer, part).dtype) for part in ("lora_A", "lora_B")
+                        if lora[name][part].dtype != getattr(layer, part).dtype)
+            layer.set_adapter_weights(lora[name]["lora_A"], lora[name]["lora_B"])  # unmerges / re-merges
         for name, state in saved.items():
             module = model.get_submodule(name)
             cast.update((t.dtype, module_state_t.dtype) for k, t in state.items()

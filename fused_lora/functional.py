@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import List, Optional, Tuple, Union
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import torch_ops
 from ._backend import resolve_backend
@@ -46,6 +48,57 @@ def _run(backend: str, name: str, *args):
 
 def _dropout(dropout_p: float, seed: Optional[torch.Tensor]) -> Optional[Dropout]:
     return None if seed is None else Dropout(dropout_p, int(seed.item()))
+
+
+def _autocast_off(device_type: str):
+    """``torch.autocast(device_type, enabled=False)``; nothing on the meta device, which autocast does not know."""
+    return contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Limits that stay: the backward is a fused computation without a derivative of its own (no double backward), and
+# the autograd Function has no vmap / jvp rules (no torch.func transforms, no forward-mode AD). Both say so plainly.
+# ----------------------------------------------------------------------------------------------------------------
+
+_DOUBLE_BACKWARD_ERROR = (
+    "fused-lora: double backward through fused_lora_linear / FusedLoraLinear is not supported (a gradient computed "
+    "with create_graph=True was differentiated again): its backward is a fused computation without a derivative of "
+    "its own. Gradients with create_graph=True are fine as long as they are not backpropagated through; for "
+    "higher-order derivatives use a plain PyTorch LoRA (e.g. peft) or merge the adapter and use nn.Linear"
+)
+
+
+def _refuse_transforms(tensors) -> None:
+    """A clear error for torch.func transforms and forward-mode AD, which the autograd Function does not support."""
+    if torch.compiler.is_compiling():
+        return
+    if torch._C._are_functorch_transforms_active():
+        raise NotImplementedError(
+            "fused-lora: torch.func transforms (vmap, grad, jvp, jacrev, jacfwd, hessian, ...) over fused_lora_linear / "
+            "FusedLoraLinear are not supported (its autograd Function has no vmap or jvp rule); call it outside the "
+            "transform (e.g. batch the inputs instead of vmap, use torch.autograd.grad instead of torch.func.grad)"
+        )
+    if _forward_ad._current_level >= 0 and any(
+            t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(
+            "fused-lora: forward-mode AD (torch.autograd.forward_ad dual tensors) through fused_lora_linear / "
+            "FusedLoraLinear is not supported (its autograd Function has no jvp rule); use reverse mode (backward)"
+        )
+
+
+def _refuse_double_backward(backward, ctx, grad_out):
+    """``backward(ctx, grad_out)`` run without building a graph, its gradients marked so that differentiating
+    them again raises :data:`_DOUBLE_BACKWARD_ERROR` (what ``torch.autograd.function.once_differentiable`` does,
+    with a message that names fused-lora's limit)."""
+    with torch.no_grad():
+        grads = backward(ctx, grad_out)
+    tensors = [g for g in grads if g is not None]
+    if not tensors:
+        return grads
+    marked = torch._C._functions.DelayedError(_DOUBLE_BACKWARD_ERROR.encode(), len(tensors))(
+        *[g.detach().requires_grad_(True) for g in tensors])
+    marked = iter((marked,) if isinstance(marked, torch.Tensor) else marked)
+    return tuple(None if g is None else next(marked) for g in grads)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,10 +216,12 @@ class FusedLoraFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # create_graph=True
+            return _refuse_double_backward(FusedLoraFunction.backward, ctx, grad_out)
         x, lora_A, lora_B, xa, seed, *weight_tensors = ctx.saved_tensors
         need_dw = ctx.weight_meta[0] == _DENSE and ctx.needs_input_grad[9]
         needs = [ctx.needs_input_grad[0], need_dw, *ctx.needs_input_grad[1:4]]
-        with torch.autocast(grad_out.device.type, enabled=False):
+        with _autocast_off(grad_out.device.type):
             grads = lora_linear_backward(grad_out, x, weight_tensors, ctx.weight_meta, lora_A, lora_B, xa,
                                          ctx.scaling, ctx.dropout_p, seed, ctx.backend, needs)
         dx, dw, da, db, dbias = (g if need else None for g, need in zip(grads, needs))
@@ -251,23 +306,28 @@ def fused_lora_linear(
             mask on every backend and device.
 
     Returns ``[..., out_features]`` in x's dtype. Gradients flow to every input that requires grad.
-    Under ``torch.autocast`` all floating inputs are cast to the autocast dtype first, as ``nn.Linear`` does.
+    Under ``torch.autocast`` the floating inputs other than float64 are cast to the autocast dtype first, as for
+    ``nn.Linear``.
     """
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, torch.Tensor) and x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
+        # autocast's rule for its lower-precision ops (nn.Linear's among them): floating tensors other than float64
         cast = torch.get_autocast_dtype(x.device.type)
-        x, weight, lora_A, lora_B, bias = (t.to(cast) if isinstance(t, torch.Tensor) else t
-                                           for t in (x, weight, lora_A, lora_B, bias))
+        x, weight, lora_A, lora_B, bias = (
+            t.to(cast) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in (x, weight, lora_A, lora_B, bias))
     _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
+    _refuse_transforms((x, weight if isinstance(weight, torch.Tensor) else None, lora_A, lora_B, bias))
 
     p = float(dropout_p) if training else 0.0
     seed_t = seed_tensor(seed) if p > 0.0 else None
 
     in_features, out_features = weight.shape[1], weight.shape[0]
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
+    # in_features == 0 (as nn.Linear(0, N) allows): -1 cannot be inferred from zero elements, so count the rows
+    x2 = x.reshape(-1, in_features) if in_features else x.reshape(lead.numel(), 0)
     backend = _select_backend(x2, out_features)
     weight_tensors, weight_meta = pack_weight(weight)
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x.device.type):
         y = FusedLoraFunction.apply(x2, lora_A, lora_B, bias, float(scaling), p, seed_t, backend, weight_meta,
                                     *weight_tensors)
     if x.dim() == 2:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -72,8 +72,27 @@ class FusedLoraLinear(nn.Module):
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
-        self.merged = False
+        # Whether W holds the adapter's delta: a buffer, so that a state dict carries it with the weight it
+        # describes (loading one restores both); the Python bool is what forward reads (no device sync).
+        self.register_buffer("lora_merged", torch.zeros((), dtype=torch.bool, device=factory["device"]))
+        self._merged = False
+        # Names of other tensors sharing W's storage (tied weights), found by apply_lora / from_linear: merging
+        # into W in place would change them too.
+        self.weight_shared_with: Tuple[str, ...] = ()
         self.reset_lora_parameters()
+
+    @property
+    def merged(self) -> bool:
+        """True while ``scaling * B @ A`` is folded into the base weight (:meth:`merge`)."""
+        return self._merged
+
+    def _set_merged(self, merged: bool) -> None:
+        self._merged = merged
+        self.lora_merged.fill_(merged)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._merged = bool(self.lora_merged)  # the loaded weight is merged or not as its state dict says
 
     def _reset_base_parameters(self) -> None:
         # nn.Linear's initialisation, for layers built from scratch (from_linear keeps the given weights).
@@ -124,6 +143,18 @@ class FusedLoraLinear(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        bnb_bases = {c.__name__ for c in type(linear).__mro__ if c.__module__.startswith("bitsandbytes")}
+        if "Linear4bit" in bnb_bases:
+            raise TypeError(f"from_linear got a bitsandbytes {type(linear).__name__} (a 4-bit base): use "
+                            "FusedLoraLinear.from_bnb(module, ...) to wrap its NF4 weight as it is")
+        if "Linear8bitLt" in bnb_bases:
+            raise TypeError(f"from_linear got a bitsandbytes {type(linear).__name__}: 8-bit (LLM.int8) bases are not "
+                            "supported")
+        if type(linear).forward is not nn.Linear.forward:
+            raise TypeError(
+                f"from_linear expects an nn.Linear; {type(linear).__module__}.{type(linear).__qualname__} is a "
+                "subclass with its own forward, whose behaviour FusedLoraLinear would drop: not supported"
+            )
         if quantize is None:
             if compute_dtype is not None and compute_dtype != linear.weight.dtype:
                 raise ValueError("compute_dtype applies to quantized bases; cast the linear itself for a dense one")
@@ -132,6 +163,9 @@ class FusedLoraLinear(nn.Module):
                               use_rslora, factory)
             layer.weight = linear.weight
             layer.weight.requires_grad_(False)
+            w = linear.weight
+            if w.device.type != "meta" and w.untyped_storage().nbytes() != w.numel() * w.element_size():
+                layer.weight_shared_with = (f"a larger tensor ({w.untyped_storage().nbytes()} bytes of storage)",)
             return layer
         if quantize != "nf4":
             raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
@@ -181,31 +215,57 @@ class FusedLoraLinear(nn.Module):
             dropout_p=self.lora_dropout, training=self.training,
         )
 
-    def delta_weight(self) -> torch.Tensor:
-        """``scaling * B @ A`` in fp32 (the update merge() adds), ``[out, in]``."""
-        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+    def delta_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``scaling * B @ A`` ``[out, in]``, computed in ``dtype`` (default: fp32, or float64 for a float64 layer:
+        at least the precision of the weight it is added to)."""
+        dtype = dtype or torch.promote_types(self.compute_dtype, torch.float32)
+        return (self.lora_B.detach().to(dtype) @ self.lora_A.detach().to(dtype)) * self.scaling
 
     @torch.no_grad()
     def _apply_delta(self, sign: float) -> None:
-        self.weight.copy_(self.weight.float() + sign * self.delta_weight())
+        compute = torch.promote_types(self.weight.dtype, torch.float32)
+        self.weight.copy_(self.weight.to(compute) + sign * self.delta_weight(compute))
+
+    def _check_not_shared(self, what: str) -> None:
+        if self.weight_shared_with:
+            raise RuntimeError(
+                f"FusedLoraLinear.{what}(): the base weight is shared with {', '.join(self.weight_shared_with)} "
+                f"(tied weights); {what} would change {'it' if len(self.weight_shared_with) == 1 else 'them'} "
+                "too. Use fused_lora.merge_and_unload(model), which writes the merged weight into a new tensor, or "
+                "untie the weights first"
+            )
 
     def merge(self) -> None:
-        """``W += scaling * B @ A``, computed in fp32 and rounded once to the weight's dtype. On an NF4 base the
-        merged weight is re-quantized to NF4 (see :meth:`FusedLoraLinearNF4._apply_delta` for the error)."""
+        """``W += scaling * B @ A``, computed in fp32 (float64 for float64 weights) and rounded once to the
+        weight's dtype. On an NF4 base the merged weight is re-quantized to NF4 (see
+        :meth:`FusedLoraLinearNF4.merge`). Refused (RuntimeError) when W is shared with another module."""
         if self.merged:
             warnings.warn("FusedLoraLinear.merge(): already merged, nothing to do", stacklevel=2)
             return
+        self._check_not_shared("merge")
         self._apply_delta(+1.0)
-        self.merged = True
+        self._set_merged(True)
 
     def unmerge(self) -> None:
         """Undo :meth:`merge`: ``W -= scaling * B @ A`` (restores a dense weight up to the rounding of the two
-        updates; an NF4 weight up to two re-quantizations)."""
+        updates; an NF4 weight exactly, see :meth:`FusedLoraLinearNF4.merge`)."""
         if not self.merged:
             warnings.warn("FusedLoraLinear.unmerge(): not merged, nothing to do", stacklevel=2)
             return
         self._apply_delta(-1.0)
-        self.merged = False
+        self._set_merged(False)
+
+    @torch.no_grad()
+    def set_adapter_weights(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        """Copy new adapter matrices into ``lora_A`` / ``lora_B`` (cast to their dtype). A merged layer is unmerged
+        first and merged again with the new adapter, so W never holds a delta the layer does not know."""
+        was_merged = self.merged
+        if was_merged:
+            self.unmerge()
+        self.lora_A.copy_(lora_A)
+        self.lora_B.copy_(lora_B)
+        if was_merged:
+            self.merge()
 
     def _base_repr(self) -> str:
         return "dense"
@@ -246,6 +306,7 @@ class FusedLoraLinearNF4(FusedLoraLinear):
             layer.register_buffer(f"nf4_{name}", getattr(nf4, name), persistent=True)
         layer._nf4_meta = dict(blocksize=nf4.blocksize, shape=list(nf4.shape), dtype=_dtype_name(nf4.dtype),
                                nested_blocksize=nf4.nested_blocksize)
+        layer._premerge = None  # the NF4 buffers before merge() (see merge)
         return layer
 
     def _apply(self, fn, recurse=True):
@@ -258,6 +319,9 @@ class FusedLoraLinearNF4(FusedLoraLinear):
             after = getattr(self, f"nf4_{name}")
             if after.dtype != before.dtype:
                 self._buffers[f"nf4_{name}"] = before.to(after.device)
+        if self._premerge is not None:  # kept codes follow the buffers' device
+            device = self.nf4_data.device
+            self._premerge = {k: None if t is None else t.to(device) for k, t in self._premerge.items()}
         return self
 
     @property
@@ -295,17 +359,38 @@ class FusedLoraLinearNF4(FusedLoraLinear):
             )
         return y.to(x.dtype)
 
-    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``scaling * B @ A`` into the NF4 weight: dequantize, add in fp32, re-quantize with the same block
+        size and statistics layout (as PEFT does for bitsandbytes bases). Every element moves to the nearest NF4
+        level of its block's new absmax: an error of up to half the gap between neighbouring levels (from about
+        0.04 x absmax near 0 to 0.14 x absmax near +-1). The pre-merge codes are kept while merged (another 0.5 byte
+        per weight), so :meth:`unmerge` restores them exactly and merge/unmerge cycles do not compound that error.
+        A layer loaded in the merged state has no pre-merge codes: its unmerge re-quantizes ``W - scaling * B @ A``
+        (with a warning)."""
+        super().merge()
+
     def _apply_delta(self, sign: float) -> None:
-        # Dequantize, add in fp32, re-quantize with the same block size and statistics layout (as PEFT does for
-        # bitsandbytes bases). Every element moves to the nearest NF4 level of its block's new absmax: an error of
-        # up to half the gap between neighbouring levels (from about 0.04 x absmax near 0 to 0.14 x absmax near
-        # +-1), so a merge followed by an unmerge does not restore the original codes exactly.
+        if sign < 0 and self._premerge is not None:
+            for name, t in self._premerge.items():
+                setattr(self, f"nf4_{name}", t)
+            self._premerge = None
+            return
+        if sign < 0:
+            warnings.warn("FusedLoraLinearNF4.unmerge(): the pre-merge NF4 codes are not known (the layer was loaded "
+                          "merged); re-quantizing W - scaling * B @ A, which adds one more re-quantization error",
+                          stacklevel=3)
         old = self.nf4_weight
-        merged = old.dequantize(torch.float32) + sign * self.delta_weight()
-        new = quantize_nf4(merged.to(old.dtype), blocksize=old.blocksize, double_quant=old.nested)
+        with torch.no_grad():
+            merged = old.dequantize(torch.float32) + sign * self.delta_weight(torch.float32)
+            new = quantize_nf4(merged.to(old.dtype), blocksize=old.blocksize, double_quant=old.nested)
+        if sign > 0:
+            self._premerge = {name: getattr(self, f"nf4_{name}") for name in _NF4_BUFFERS}
         for name in _NF4_BUFFERS:
             setattr(self, f"nf4_{name}", getattr(new, name))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._premerge = None  # codes of the weight that was replaced
 
     def _base_repr(self) -> str:
         meta = self._nf4_meta

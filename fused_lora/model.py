@@ -18,7 +18,9 @@ Module selection follows PEFT's ``LoraConfig`` rules exactly (``peft.tuners.tune
   (``re.fullmatch``);
 * ``"all-linear"`` (any case): every ``nn.Linear`` (and transformers ``Conv1D``, which is then rejected as
   unsupported) except the output layer: for a transformers ``PreTrainedModel``, the module returned by
-  ``get_output_embeddings()`` (the ``lm_head``) is excluded, as PEFT does;
+  ``get_output_embeddings()`` (the ``lm_head``) is excluded, as PEFT does; so are the linears whose parent
+  bypasses them (``nn.MultiheadAttention.out_proj``, ``nn.TransformerEncoderLayer``'s ``linear1`` / ``linear2``:
+  :func:`bypassed_linears`). Named explicitly, the first is refused and the others warn;
 * ``exclude_modules``: same list / regex rules, removes modules from the selection;
 * ``modules_to_save`` entries select the modules whose name *ends with* the entry (a plain string suffix, not at a
   dot boundary: PEFT's ``_set_trainable`` rule); modules at or under an entry are never adapted (PEFT's rule:
@@ -42,12 +44,13 @@ Differences from PEFT (documented choices):
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -163,6 +166,24 @@ def pattern_value(patterns: Optional[Mapping[str, object]], key: str, default):
     return default
 
 
+def check_regexes(target_modules=None, exclude_modules=None, modules_to_save=(), rank_pattern=None,
+                  alpha_pattern=None, where: str = "") -> None:
+    """``ValueError`` naming the argument (prefixed by ``where``) for a pattern that is not a valid regular
+    expression, as each is used: ``target_modules`` / ``exclude_modules`` strings (full-match regexes),
+    ``modules_to_save`` entries and ``rank_pattern`` / ``alpha_pattern`` keys (regex fragments, PEFT's rules)."""
+    checks = [(what, spec, spec) for what, spec in (("target_modules", target_modules),
+                                                      ("exclude_modules", exclude_modules)) if isinstance(spec, str)]
+    checks += [("modules_to_save entry", m, rf"(^|.*\.){m}($|\..*)") for m in modules_to_save or ()]
+    for what, patterns in (("rank_pattern key", rank_pattern), ("alpha_pattern key", alpha_pattern)):
+        checks += [(what, p, rf"(.*\.)?({p})$") for p in (patterns or {}) if isinstance(p, str)]
+    for what, shown, regex in checks:
+        try:
+            re.compile(regex)
+        except re.error as exc:
+            sep = "=" if what in ("target_modules", "exclude_modules") else " "
+            raise ValueError(f"{where}{what}{sep}{shown!r} is not a valid regular expression ({exc})") from None
+
+
 def resolve_modules_to_save(model: nn.Module, modules_to_save: Sequence[str]) -> List[str]:
     """Names of the modules selected by ``modules_to_save`` (PEFT's rule: the module name ends with the entry, a
     plain string suffix). Every entry must select at least one module."""
@@ -212,11 +233,30 @@ def _conv1d_class():
 
 
 def all_linear_names(model: nn.Module) -> set:
-    """Module names PEFT's ``target_modules="all-linear"`` selects: ``nn.Linear`` (and ``Conv1D``) modules, existing
-    LoRA layers, minus the output embedding of a ``PreTrainedModel``."""
+    """Module names ``target_modules="all-linear"`` selects: PEFT's rule (``nn.Linear`` and ``Conv1D`` modules,
+    existing LoRA layers, minus the output embedding of a ``PreTrainedModel``), minus the linears whose parent
+    bypasses them (:func:`bypassed_linears`), where an adapter would not (always) run."""
     classes = tuple(c for c in (nn.Linear, _conv1d_class()) + LORA_LAYER_TYPES if c is not None)
     names = {n for n, m in model.named_modules() if n and isinstance(m, classes)}
-    return names - _output_embedding_names(model)
+    return names - _output_embedding_names(model) - set(bypassed_linears(model))
+
+
+def bypassed_linears(model: nn.Module) -> Dict[str, Tuple[bool, str]]:
+    """``{name: (never_runs, why)}`` for the linear modules whose parent reads their weight instead of calling them:
+    ``nn.MultiheadAttention.out_proj`` always (an adapter there never runs), ``nn.TransformerEncoderLayer``'s
+    ``linear1`` / ``linear2`` in its inference fast path (eval mode without grad)."""
+    out = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, nn.MultiheadAttention):
+            out[prefix + "out_proj"] = (True, "nn.MultiheadAttention uses out_proj.weight directly and never calls "
+                                              "out_proj, so an adapter there would never run")
+        if isinstance(module, nn.TransformerEncoderLayer):
+            for child in ("linear1", "linear2"):
+                out[prefix + child] = (False, "nn.TransformerEncoderLayer's inference fast path (eval mode without "
+                                              "grad) uses its weight directly, skipping the adapter; call "
+                                              "torch.backends.mha.set_fastpath_enabled(False) for inference")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -356,11 +396,13 @@ def plan_lora(
     for what, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         if patterns is not None and not isinstance(patterns, Mapping):
             raise TypeError(f"{what} must be a dict {{pattern: value}}, got {type(patterns).__name__}")
+    check_regexes(targets_spec, exclude_spec, mts, rank_pattern, alpha_pattern)
 
     if isinstance(targets_spec, str) and targets_spec.lower() == ALL_LINEAR:
         targets_spec = tuple(sorted(all_linear_names(model)))
 
     mts_names = resolve_modules_to_save(model, mts) if mts else []
+    bypassed = bypassed_linears(model)
     targets: List[_Target] = []
     for key, module in list(model.named_modules()):
         if not key or not name_matches(targets_spec, key):
@@ -370,6 +412,11 @@ def plan_lora(
         if mts and under_modules_to_save(mts, key):
             continue
         _lora_kind(key, module, quantize)  # raises for anything that cannot be adapted
+        if key in bypassed:
+            never_runs, why = bypassed[key]
+            if never_runs:
+                raise ValueError(f"target module {key!r}: {why} (check target_modules)")
+            warnings.warn(f"target module {key!r}: {why}", stacklevel=3)
         module_r = pattern_value(rank_pattern, key, r)
         module_alpha = pattern_value(alpha_pattern, key, lora_alpha)
         _check_rank_alpha(key, module_r, module_alpha)
@@ -403,11 +450,35 @@ def execute_plan(model: nn.Module, plan: LoraPlan) -> nn.Module:
         layer.train(target.module.training)
         _set_submodule(model, target.name, layer)
 
+    _record_shared_weights(model, [t.name for t in plan.targets])
     meta = get_meta(model)
     meta.modules_to_save += [m for m in plan.modules_to_save if m not in meta.modules_to_save]
     meta.modules_to_save_names += [n for n in plan.modules_to_save_names if n not in meta.modules_to_save_names]
     _set_trainability(model, meta)
     return model
+
+
+def _record_shared_weights(model: nn.Module, names: Sequence[str]) -> None:
+    """Find the dense LoRA layers among ``names`` whose base weight shares storage with another tensor of the model
+    (tied embeddings, or two layers on one weight): record the other holders on the layer (its merge() refuses,
+    since merging in place would change them) and warn, as PEFT does."""
+    holders: Dict[Tuple[torch.device, int], List[str]] = {}
+    for key, t in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                  model.named_buffers(remove_duplicate=False)):
+        if t.device.type != "meta" and t.numel() > 0:
+            holders.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(key)
+    for name in names:
+        layer = model.get_submodule(name)
+        weight = getattr(layer, "weight", None)
+        if not isinstance(layer, FusedLoraLinear) or weight is None or weight.device.type == "meta":
+            continue
+        others = [k for k in holders.get((weight.device, weight.untyped_storage().data_ptr()), [])
+                  if k != f"{name}.weight"]
+        if others:
+            layer.weight_shared_with = tuple(dict.fromkeys(layer.weight_shared_with + tuple(others)))
+            warnings.warn(f"{name}: the base weight is shared with {', '.join(others)} (tied weights); training is "
+                          "unaffected, but merge() is refused for this layer (merge_and_unload writes a new tensor)",
+                          stacklevel=3)
 
 
 def _set_trainability(model: nn.Module, meta: LoraModelMeta, adapters_trainable: bool = True) -> None:
@@ -451,7 +522,9 @@ def apply_lora(
     Raises (before modifying anything): ``ValueError`` when nothing matches (listing the model's linear layers);
     ``TypeError`` naming the type when a selected module is not an ``nn.Linear``; ``ValueError`` for bad ``r``,
     ``lora_alpha``, ``lora_dropout``, for ``modules_to_save`` entries that match nothing or whose weights are tied to a
-    module outside them. Returns ``model``.
+    module outside them, and naming the argument for a pattern that is not a valid regular expression
+    (``target_modules`` / ``exclude_modules`` strings, ``modules_to_save`` entries, ``rank_pattern`` /
+    ``alpha_pattern`` keys). Returns ``model``.
     """
     plan = plan_lora(model, target_modules, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                      use_rslora=use_rslora, quantize=quantize, modules_to_save=modules_to_save,
@@ -731,9 +804,8 @@ def _merged_replacement(name: str, layer: nn.Module) -> nn.Module:
     if layer.merged:
         merged = base.to(out_dtype, copy=True)
     else:
-        compute = torch.float64 if base.dtype == torch.float64 else torch.float32
-        delta = (layer.lora_B.detach().to(compute) @ layer.lora_A.detach().to(compute)) * layer.scaling
-        merged = (base.to(compute) + delta).to(out_dtype)
+        compute = torch.promote_types(base.dtype, torch.float32)
+        merged = (base.to(compute) + layer.delta_weight(compute)).to(out_dtype)
     linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
     linear.weight = nn.Parameter(merged, requires_grad=requires_grad)
     if layer.bias is not None:

@@ -47,14 +47,15 @@ bitsandbytes quantizes in fp32 with these exact operations, reproduced here op f
 
 The double-quantization statistics (``n / blocksize`` values) are always computed on the CPU, so a weight quantized
 on a GPU gets the same bytes as on the CPU. The 4-bit step runs on the weight's device with the same IEEE operations.
-All-zero blocks dequantize to 0 but their codes may differ between implementations; NaN / inf weights are not
-supported (as in bitsandbytes).
+All-zero blocks dequantize to 0 but their codes may differ between implementations. NaN / inf weights cannot be
+represented (bitsandbytes silently turns their whole block into NaN): ``quantize_nf4`` refuses them.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import numbers
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -188,8 +189,12 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         raise ValueError(f"quantize_nf4 expects a 2-D [out, in] tensor, got {getattr(weight, 'shape', type(weight))}")
     if weight.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"quantize_nf4 supports float32 / float16 / bfloat16 weights, got {weight.dtype}")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral):
+        raise TypeError(f"blocksize must be an int (one of {BLOCKSIZES}), got {blocksize!r} "
+                        f"({type(blocksize).__name__})")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+    blocksize = int(blocksize)
     if weight.numel() == 0:
         raise ValueError(f"cannot quantize an empty weight of shape {tuple(weight.shape)}")
     device = weight.device
@@ -209,6 +214,17 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         parts_absmax.append(am.reshape(1))
         parts_scaled.append(torch.clamp(tail / am, -1, 1))  # the partial block is divided, not multiplied
     absmax = torch.cat(parts_absmax) if len(parts_absmax) > 1 else parts_absmax[0]
+    # A NaN / inf weight makes its block's absmax non-finite (amax propagates NaN): checking the n / blocksize
+    # absmax values finds every such weight without another pass over the whole weight.
+    if device.type != "meta" and not bool(torch.isfinite(absmax).all()):
+        bad = ~torch.isfinite(flat)
+        first = int(bad.nonzero()[0])
+        row, col = divmod(first, weight.shape[1])
+        raise ValueError(
+            f"quantize_nf4: the weight has {int(bad.sum())} non-finite value(s) (NaN / inf), the first at [{row}, "
+            f"{col}] = {flat[first].item()}; NF4 cannot represent them (each would turn its whole block of "
+            f"{blocksize} weights into NaN)"
+        )
     scaled = torch.cat(parts_scaled) if len(parts_scaled) > 1 else parts_scaled[0]
     if n % 2:
         scaled = torch.cat([scaled, scaled.new_zeros(1)])  # pad with 0.0 -> code 7
@@ -430,6 +446,16 @@ class NF4Weight:
                 raise ValueError(f"from_bnb expects a (packed tensor, QuantState) pair, got {len(obj)} items")
             packed, qs = obj
         elif isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "weight", None), torch.Tensor):
+            bnb_bases = {c.__name__ for c in type(obj).__mro__ if c.__module__.startswith("bitsandbytes")}
+            if "Linear8bitLt" in bnb_bases:
+                raise TypeError(f"from_bnb got a bitsandbytes {type(obj).__name__}: 8-bit (LLM.int8) bases are not "
+                                "supported; fused-lora reads 4-bit NF4 weights (a Linear4bit with quant_type='nf4')")
+            if "Linear4bit" not in bnb_bases and not hasattr(obj.weight, "quant_state") \
+                    and getattr(obj, "quant_state", None) is None:
+                raise TypeError(
+                    f"from_bnb expects a bitsandbytes Linear4bit with NF4 quantization (quant_type='nf4'), got "
+                    f"{type(obj).__module__}.{type(obj).__qualname__}; for a dense nn.Linear use "
+                    "FusedLoraLinear.from_linear(linear, quantize='nf4') (or quantize_nf4(linear.weight))")
             packed = obj.weight.data
             qs = getattr(obj.weight, "quant_state", None)
             if qs is None:  # bitsandbytes keeps a copy on the module (e.g. after FSDP re-wrapped the parameter)

@@ -200,26 +200,44 @@ def test_matches_peft_on_bitsandbytes_linear4bit(device, backend, compute_dtype)
             assert_three_way(mine[name], ref[name].to(compute_dtype), exact[name], name)
 
 
-def test_merge_requantizes_and_unmerge_reverts():
+def test_merge_requantizes_and_unmerge_restores_the_codes():
     layer = _nf4_layer(0, 128, 64, 8, torch.float32, "cpu")
     layer.eval()
-    original = layer.nf4_weight
+    original = {name: buf.clone() for name, buf in layer.named_buffers() if name.startswith("nf4_")}
+    original_w = layer.nf4_weight.dequantize(torch.float32)
     delta = layer.delta_weight()
     x = torch.randn(5, 128)
     layer.merge()
-    expect = quantize_nf4(original.dequantize(torch.float32) + delta, blocksize=64, double_quant=True)
+    expect = quantize_nf4(original_w + delta, blocksize=64, double_quant=True)
     assert torch.equal(layer.nf4_data, expect.data) and torch.equal(layer.nf4_qabsmax, expect.qabsmax)
     torch.testing.assert_close(layer(x), nn.functional.linear(x, expect.dequantize(torch.float32), layer.bias),
                                rtol=0, atol=0)
-    merged = layer.nf4_weight
-    layer.unmerge()
-    back = quantize_nf4(merged.dequantize(torch.float32) - delta, blocksize=64, double_quant=True)
-    assert torch.equal(layer.nf4_data, back.data)
-    # re-quantization moves each weight by at most half an NF4 level gap of its block: the largest gap is
-    # 1 - 0.7229568 = 0.277 of the block's absmax, so |error| <= 0.139 * absmax <= 0.139 * max |W| per step
-    err = (layer.base_weight(torch.float32) - original.dequantize(torch.float32)).abs().max()
-    bound = 2 * 0.139 * (original.dequantize(torch.float32).abs().max() + delta.abs().max())
-    assert err <= bound
+    # unmerge gives back the pre-merge codes, and cycles do not compound the re-quantization error
+    for cycle in range(10):
+        if cycle:
+            layer.merge()
+        layer.unmerge()
+        for name, buf in original.items():
+            assert torch.equal(getattr(layer, name), buf), (cycle, name)
+    assert torch.equal(layer.base_weight(torch.float32), original_w)
+
+
+def test_nf4_unmerge_of_a_layer_loaded_merged_requantizes_with_a_warning():
+    src = _nf4_layer(0, 128, 64, 8, torch.float32, "cpu", seed=1)
+    original_w = src.nf4_weight.dequantize(torch.float32)
+    src.merge()
+    dst = _nf4_layer(0, 128, 64, 8, torch.float32, "cpu", seed=2)
+    dst.load_state_dict(src.state_dict())
+    assert dst.merged
+    with pytest.warns(UserWarning, match="pre-merge NF4 codes are not known"):
+        dst.unmerge()
+    back = quantize_nf4(src.nf4_weight.dequantize(torch.float32) - src.delta_weight(), blocksize=64,
+                        double_quant=True)
+    assert torch.equal(dst.nf4_data, back.data)
+    # one more re-quantization: each weight moves by at most half an NF4 level gap of its block (the largest gap
+    # is 1 - 0.7229568 = 0.277 of the block's absmax), twice
+    err = (dst.base_weight(torch.float32) - original_w).abs().max()
+    assert err <= 2 * 0.139 * (original_w.abs().max() + src.delta_weight().abs().max())
 
 
 def test_state_dict_round_trip():

@@ -22,8 +22,8 @@ with ``NESTED=True`` must be launched with ``enable_fp_fusion=False`` (as :func:
 ahead-of-time check shows ``mul.rn.f32`` / ``add.rn.f32`` and no ``fma`` in its PTX). Kernels that cannot afford
 that (a GEMM whose epilogue wants FMAs) can decode the absmax first (``NF4Weight.absmax_fp32()``, ``n / 64``
 values) and call the helper with ``NESTED=False``. The final ``code * A`` has no add to fuse with, and the
-conversion to fp16/bf16 is round-to-nearest-even on GPUs (the interpreter truncates to bf16: see
-``kernel-design.md``).
+conversion to fp16/bf16 is round-to-nearest-even (on GPUs, and in the test suite's interpreter, whose own
+fp32 -> bf16 conversion truncates but which ``tests/triton_bf16.py`` gives exact bf16 conversions).
 """
 
 from __future__ import annotations

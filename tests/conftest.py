@@ -19,6 +19,14 @@ from fused_lora._backend import triton_available, triton_interpreting  # noqa: E
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETING = triton_available() and triton_interpreting()
 
+if INTERPRETING:
+    # The interpreter has no bf16 arithmetic of its own: give it exact bf16 dot, casts and elementwise ops (a
+    # test-only extension, itself tested against PyTorch in test_triton_bf16_interpreter.py). Raises on a Triton
+    # whose interpreter it does not fit, rather than letting the bf16 kernel tests run on wrong arithmetic.
+    import triton_bf16  # noqa: E402
+
+    triton_bf16.install()
+
 # (device, backend) pairs that can run here.
 DEVICE_BACKENDS = [("cpu", "torch")]
 if INTERPRETING:

@@ -105,8 +105,6 @@ def test_nf4_fp32_matches_float64_reference(device, backend, M, K, N, r, p):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M,K,N,r", [(37, 100, 64, 16), (150, 128, 72, 16)])
 def test_nf4_half_precision_three_way(device, backend, dtype, M, K, N, r):
-    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter has no bfloat16 arithmetic; covered by the AOT compile and CUDA runs")
     layer = _nf4_layer(M, K, N, r, dtype, device)
     x = torch.randn(2, M // 2 + 1, K, device=device, dtype=dtype)  # 3-D input
     g = torch.randn(*x.shape[:-1], N, device=device, dtype=dtype)
@@ -168,8 +166,6 @@ def test_from_bnb_reads_the_packed_weight_as_it_is():
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 def test_matches_peft_on_bitsandbytes_linear4bit(device, backend, compute_dtype):
     """Same outputs and gradients of x, A, B as PEFT's QLoRA layer (lora.bnb.Linear4bit) with identical weights."""
-    if backend == "triton" and compute_dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter has no bfloat16 arithmetic")
     K, N, r = 96, 40, 8
     ours = FusedLoraLinear.from_bnb(_bnb_linear4bit(K, N, compute_dtype, seed=5), r=r, lora_alpha=16)
     # PEFT gets its own, identical Linear4bit (its forward may repack a CPU weight in place).

@@ -256,7 +256,10 @@ class NF4Weight:
     * ``blocksize``, ``shape`` ``(out, in)``, ``dtype`` (the original weight's dtype, the default output dtype),
       ``code`` fp32 ``[16]`` (the NF4 table).
 
-    Build one with :func:`quantize_nf4`, :meth:`from_bnb` or :meth:`from_state_dict`.
+    Build one with :func:`quantize_nf4`, :meth:`from_bnb` or :meth:`from_state_dict`. The tensors may be views in
+    any layout (slices or offsets into a bigger buffer, ``.t()`` of a ``[1, k]`` row, stride 0): the Triton kernels
+    read ``data`` in place through its stride and make the small tables and statistics contiguous when they are
+    not (tests/test_strides.py).
     """
 
     data: torch.Tensor

@@ -91,7 +91,8 @@ def _lora_down_kernel(
 def _lora_linear_fwd_kernel(
     x_ptr, w_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr, nf4_code_ptr, nf4_absmax_ptr,
     M, N, K, R, M_BUCKET,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bn, stride_br, stride_ym, stride_yn,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_wq, stride_xam, stride_xar, stride_bn, stride_br,
+    stride_bias, stride_ym, stride_yn,
     scaling,
     HAS_BIAS: tl.constexpr, W_NF4: tl.constexpr, NF4_BLOCKSIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -99,9 +100,10 @@ def _lora_linear_fwd_kernel(
 ):
     """y[BLOCK_M, BLOCK_N] = x @ W^T + scaling * xa @ B^T + bias.
 
-    W_NF4: ``w_ptr`` holds W's packed NF4 codes (``nf4_code_ptr``: the 16-value table, ``nf4_absmax_ptr``: the
-    decoded fp32 absmax per block); each W tile is dequantized in registers inside the main loop, rounded to x's
-    dtype exactly as ``NF4Weight.dequantize`` rounds it, so both QLoRA paths see bit-identical weights."""
+    W_NF4: ``w_ptr`` holds W's packed NF4 codes, byte ``j`` at ``w_ptr + j * stride_wq`` (``nf4_code_ptr``: the
+    16-value table, ``nf4_absmax_ptr``: the decoded fp32 absmax per block, both contiguous); each W tile is
+    dequantized in registers inside the main loop, rounded to x's dtype exactly as ``NF4Weight.dequantize`` rounds
+    it, so both QLoRA paths see bit-identical weights. ``stride_bias``: the bias's element stride (0: broadcast)."""
     pid_m, pid_n = _grouped_pids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -133,7 +135,7 @@ def _lora_linear_fwd_kernel(
         if W_NF4:
             wt = nf4_decode_tile(w_ptr, nf4_code_ptr, nf4_absmax_ptr, nf4_absmax_ptr, nf4_code_ptr, nf4_absmax_ptr,
                                  (rn % N)[None, :], (k0 + rk)[:, None], K, k_ok[:, None],
-                                 NF4_BLOCKSIZE, False, 1).to(x_ptr.dtype.element_ty)
+                                 NF4_BLOCKSIZE, False, 1, stride_wq).to(x_ptr.dtype.element_ty)
         else:
             wt = tl.load(wt_ptrs, mask=k_ok[:, None], other=0.0)
         acc = tl.dot(x, wt, acc, input_precision=INPUT_PRECISION)
@@ -141,7 +143,7 @@ def _lora_linear_fwd_kernel(
         wt_ptrs += BLOCK_K * stride_wk
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + rn_in * stride_bias).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
@@ -213,7 +215,8 @@ def _lora_grad_out_kernel(
 def _lora_dgrad_kernel(
     g_ptr, w_ptr, gb_ptr, a_ptr, dx_ptr, nf4_code_ptr, nf4_absmax_ptr,
     M, N, K, R, M_BUCKET,
-    stride_gm, stride_gn, stride_wn, stride_wk, stride_gbm, stride_gbr, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    stride_gm, stride_gn, stride_wn, stride_wk, stride_wq, stride_gbm, stride_gbr, stride_ar, stride_ak,
+    stride_dxm, stride_dxk,
     lora_scale, drop_key, drop_threshold,
     HAS_DROPOUT: tl.constexpr, W_NF4: tl.constexpr, NF4_BLOCKSIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -253,7 +256,7 @@ def _lora_dgrad_kernel(
         if W_NF4:
             w = nf4_decode_tile(w_ptr, nf4_code_ptr, nf4_absmax_ptr, nf4_absmax_ptr, nf4_code_ptr, nf4_absmax_ptr,
                                 (n0 + rn)[:, None], (rk % K)[None, :], K, n_ok[:, None],
-                                NF4_BLOCKSIZE, False, 1).to(g_ptr.dtype.element_ty)
+                                NF4_BLOCKSIZE, False, 1, stride_wq).to(g_ptr.dtype.element_ty)
         else:
             w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
         acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION)
@@ -289,11 +292,13 @@ def _lora_grad_a_kernel(
     k_ok = rk < K
     r_ok = rr < R
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    # rk runs up to K (not BLOCK_K as in the other kernels): int64, or a column-major x of 2**31 elements overflows
+    x_cols = rk.to(tl.int64)[None, :] * stride_xk
     for m0 in range(m_start, m_end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         m_ok = rm < m_end
         rm64 = rm.to(tl.int64)
-        x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk,
+        x = tl.load(x_ptr + rm64[:, None] * stride_xm + x_cols,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             x = tl.where(dropout_keep(rm, rk, K, drop_key, drop_threshold), x, 0.0)
@@ -435,17 +440,23 @@ def _weight_args(weight, M: int, dtype: torch.dtype) -> dict:
 
     NF4 with at most ``NF4_FUSED_MAX_TOKENS`` rows of x: the packed codes and the decoded fp32 absmax go to the
     kernels, which dequantize W tile by tile in registers. More rows: one Triton dequantize into a transient
-    buffer (freed after the launch), then the dense path. Both give bit-identical weights."""
+    buffer (freed after the launch), then the dense path. Both give bit-identical weights.
+
+    Any layout of the NF4 buffers: the packed codes (the big operand) are read in place through one element
+    stride (``stride_wq``; see ``nf4_dequantize``); the 16-value table and the absmax (n / blocksize values,
+    decoded afresh on every call for a nested weight anyway) are indexed flat, so they are made contiguous here."""
     from fused_lora.nf4 import NF4Weight
 
     if isinstance(weight, NF4Weight):
-        if M <= NF4_FUSED_MAX_TOKENS and weight.numel < 2**31:
-            absmax = weight.absmax_fp32()
-            return dict(w_ptr=weight.data, nf4_code_ptr=weight.code, nf4_absmax_ptr=absmax, stride_wn=0, stride_wk=0,
-                        W_NF4=True, NF4_BLOCKSIZE=weight.blocksize)
+        packed = weight.data.reshape(-1)  # a view for every layout of the [k, 1] buffer that has one flat stride
+        int32_ok = max(weight.numel, (packed.numel() - 1) * packed.stride(0) + 1) < 2**31  # the decoder's indices
+        if M <= NF4_FUSED_MAX_TOKENS and int32_ok:
+            return dict(w_ptr=packed, nf4_code_ptr=weight.code.contiguous(),
+                        nf4_absmax_ptr=weight.absmax_fp32().contiguous(), stride_wn=0, stride_wk=0,
+                        stride_wq=packed.stride(0), W_NF4=True, NF4_BLOCKSIZE=weight.blocksize)
         weight = weight.dequantize_triton(dtype)
     return dict(w_ptr=weight, nf4_code_ptr=weight, nf4_absmax_ptr=weight, stride_wn=weight.stride(0),
-                stride_wk=weight.stride(1), W_NF4=False, NF4_BLOCKSIZE=64)
+                stride_wk=weight.stride(1), stride_wq=0, W_NF4=False, NF4_BLOCKSIZE=64)
 
 
 def _dropout_args(dropout) -> dict:
@@ -493,7 +504,7 @@ def lora_forward(
         M=M, N=N, K=K, R=R, M_BUCKET=bucket, **w_args,
         stride_xm=x.stride(0), stride_xk=x.stride(1),
         stride_xam=xa.stride(0), stride_xar=xa.stride(1), stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
-        stride_ym=y.stride(0), stride_yn=y.stride(1),
+        stride_bias=bias.stride(0) if bias is not None else 0, stride_ym=y.stride(0), stride_yn=y.stride(1),
         scaling=scaling, HAS_BIAS=bias is not None, INPUT_PRECISION=prec, BLOCK_R=BLOCK_R,
     )
     return y, xa

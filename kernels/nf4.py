@@ -46,10 +46,13 @@ def nf4_decode_tile(
     packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     rows, cols, in_features, mask,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+    packed_stride=1,
 ):
     """fp32 values of the NF4 elements ``(rows, cols)`` of a ``[out, in_features]`` weight (broadcast shapes).
 
-    ``packed_ptr``: uint8 codes, two per byte (high nibble = even flat index); ``code_ptr``: the 16 fp32 NF4 values.
+    ``packed_ptr``: uint8 codes, two per byte (high nibble = even flat index), byte ``j`` at element offset
+    ``j * packed_stride`` (any layout whose flattening is one stride: slices, ``.t()`` of ``[1, k]``, stride 0);
+    ``code_ptr``: the 16 fp32 NF4 values. The tables and statistics are read flat: pass contiguous ones.
     Plain (``NESTED=False``): ``absmax_ptr`` is fp32 ``[n_blocks]``; ``absmax2_ptr`` / ``code2_ptr`` /
     ``offset_ptr`` are unused. Nested: ``absmax_ptr`` is the uint8 ``qabsmax``, ``absmax2_ptr`` fp32
     ``[ceil(n_blocks / NESTED_BLOCKSIZE)]``, ``code2_ptr`` the 256 fp32 values and ``offset_ptr`` one fp32 value;
@@ -57,10 +60,11 @@ def nf4_decode_tile(
     ``mask`` (same broadcast shape) marks the elements to load; masked-off ones decode to 0 (a GEMM's K tail can
     feed them to ``tl.dot`` as they are).
     Index arithmetic happens in the integer type of ``rows`` / ``cols``: pass int64 indices when the weight has
-    2**31 elements or more (int32 is cheaper: most of this function's instructions are index arithmetic).
+    2**31 elements or more, or when the last packed byte's offset ``((n + 1) // 2 - 1) * packed_stride`` reaches
+    2**31 (int32 is cheaper: most of this function's instructions are index arithmetic).
     """
     flat = rows * in_features + cols  # row-major element index; blocks follow it across rows
-    byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+    byte = tl.load(packed_ptr + (flat >> 1) * packed_stride, mask=mask, other=0).to(tl.int32)
     shift = ((flat & 1) ^ 1).to(tl.int32) * 4  # even element: high nibble
     value = tl.load(code_ptr + ((byte >> shift) & 0xF), mask=mask, other=0.0)  # masked-off elements: exactly 0
     block = flat // BLOCKSIZE
@@ -76,12 +80,13 @@ def nf4_decode_tile(
 @triton.jit
 def _nf4_dequant_kernel(
     packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
-    rows, cols, stride_om, stride_ok,
+    rows, cols, stride_packed, stride_om, stride_ok,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """out[BLOCK_M, BLOCK_N] tile of the dequantized ``[rows, cols]`` weight (row-major programs along a row).
-    INDEX_64: element or output offsets reach 2**31 (int64 index arithmetic, else int32)."""
+    ``stride_packed``: element stride of the packed bytes (see ``nf4_decode_tile``).
+    INDEX_64: element, packed or output offsets reach 2**31 (int64 index arithmetic, else int32)."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(cols, BLOCK_N)
     pid_m = pid // num_pid_n
@@ -95,7 +100,7 @@ def _nf4_dequant_kernel(
     w = nf4_decode_tile(
         packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
         rm[:, None], rn[None, :], cols, mask,
-        BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
+        BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, stride_packed,
     )
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_ok
     tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=mask)
@@ -149,8 +154,10 @@ def nf4_dequantize(
 
     Plain: ``absmax`` fp32 ``[n_blocks]``. Nested (double quantization): ``absmax`` is the uint8 ``qabsmax`` and
     ``absmax2`` / ``code2`` / ``offset`` (fp32 0-dim or 1-element tensor, read on the device: no host sync) are given.
+    Any strides: ``packed`` is read in place (through one element stride), the small tables and statistics are
+    made contiguous when they are not.
     ``out`` may be any strided ``[out, in]`` tensor of ``dtype`` (e.g. ``buf.t()`` to write ``W^T``).
-    ``index_64``: 64-bit index arithmetic; by default only when element or output offsets reach 2**31.
+    ``index_64``: 64-bit index arithmetic; by default only when element, packed-byte or output offsets reach 2**31.
     """
     rows, cols = (int(s) for s in shape)
     nested = absmax2 is not None
@@ -162,20 +169,28 @@ def nf4_dequantize(
         raise ValueError(f"out must be {dtype} {(rows, cols)}, got {out.dtype} {tuple(out.shape)}")
     if rows == 0 or cols == 0:
         return out
-    packed, code, absmax = packed.contiguous(), code.contiguous(), absmax.contiguous()  # flat-indexed buffers
+    # The packed codes (n / 2 bytes, the big operand) are read in place through one element stride: flattening
+    # is a view for every layout of the [k, 1] buffer (slices, offsets, .t() of [1, k], stride 0); only a layout
+    # that has no single flat stride is copied. The tables and statistics (16 and 256 values, n / blocksize
+    # and n / (256 * blocksize) values: at most a quarter of the packed bytes, fp32 absmax at blocksize 32) are
+    # indexed flat in the kernel, so a non-contiguous one is made contiguous here: a small copy, and a no-op for
+    # the usual contiguous buffers.
+    packed = packed.reshape(-1)
+    code, absmax = code.contiguous(), absmax.contiguous()
     if nested:
         absmax2, code2, offset = absmax2.contiguous(), code2.contiguous(), offset.contiguous()
     dummy = absmax  # pointer arguments of the disabled (plain) path are never dereferenced
     if index_64 is None:
         last_out = (rows - 1) * out.stride(0) + (cols - 1) * out.stride(1)
-        index_64 = max(rows * cols, last_out + 1) >= 2**31
+        last_packed = (packed.numel() - 1) * packed.stride(0)
+        index_64 = max(rows * cols, last_out + 1, last_packed + 1) >= 2**31
     family = "ieee" if dtype == torch.float32 else "half"
     NF4_DEQUANT(
         lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),), family,
         packed_ptr=packed, code_ptr=code, absmax_ptr=absmax,
         absmax2_ptr=absmax2 if nested else dummy, code2_ptr=code2 if nested else dummy,
         offset_ptr=offset if nested else dummy, out_ptr=out,
-        rows=rows, cols=cols, stride_om=out.stride(0), stride_ok=out.stride(1),
+        rows=rows, cols=cols, stride_packed=packed.stride(0), stride_om=out.stride(0), stride_ok=out.stride(1),
         BLOCKSIZE=int(blocksize), NESTED=nested, NESTED_BLOCKSIZE=int(nested_blocksize), INDEX_64=bool(index_64),
         enable_fp_fusion=False,  # the nested absmax decode needs two separate fp32 roundings
     )

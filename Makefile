@@ -3,14 +3,23 @@
 #
 #   make bench   the benchmark suite (CPU by default, the GPU set when a GPU is present)
 #   make test    the test suite (CPU: Triton kernels in the interpreter + ahead-of-time compile for sm_80/sm_90)
+#   make test-oldest-triton   the same kernel checks on the oldest supported Triton, in .venv-triton-oldest: the
+#                ahead-of-time compile (marker aot) and every test that runs the kernels (marker triton_kernels,
+#                set by tests/conftest.py), in that Triton's interpreter
 
-.PHONY: bench test compile-report
+.PHONY: bench test test-oldest-triton compile-report
 
 bench:
 	@PY=$$(scripts/setup-env.sh) && $$PY -m benchmarks $(ARGS)
 
 test:
 	@PY=$$(scripts/setup-env.sh) && $$PY -m pytest tests -q $(ARGS)
+
+test-oldest-triton:
+	@PY=$$(scripts/setup-env.sh --triton-oldest) && \
+	$$PY -c 'import numpy, torch, triton; print("oldest Triton:", triton.__version__, "torch", torch.__version__, "numpy", numpy.__version__)' && \
+	$$PY -m pytest tests -q -m "aot or triton_kernels" $(ARGS) \
+	    -W "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"  # 3.6's interpreter on numpy 2.3
 
 compile-report:
 	@PY=$$(scripts/setup-env.sh) && $$PY -m benchmarks.compile_report $(ARGS)

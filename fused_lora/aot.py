@@ -12,7 +12,8 @@ configuration, for sm_80 and sm_90, and reads the result back:
 
 Run ``python -m fused_lora.aot`` (TRITON_INTERPRET must be unset: interpreted kernels cannot be compiled).
 The launch-argument capture uses Triton's own binder (``create_function_from_signature`` and
-``JITFunction._pack_args``): checked against Triton 3.9, the version pinned for CPU set-ups.
+``JITFunction._pack_args``, internals): checked against both ends of the supported range, ``TESTED_TRITON`` (the
+oldest, and the newest, pinned for CPU set-ups); any other version whose binder differs raises an error naming it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
+
+# The Triton versions fused-lora is tested with: the oldest supported (pyproject.toml's lower bound; torch 2.11's
+# Triton; `make test-oldest-triton`) and the newest (pinned for CPU set-ups). scripts/setup-env.sh pins the same two.
+TESTED_TRITON = ("3.6.0", "3.9.0")
 
 TARGETS = (80, 90)
 # Largest dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin).
@@ -205,20 +210,62 @@ def _launcher_by_name(name: str):
     raise KeyError(name)
 
 
+def _version(text: str) -> Tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", text).groups()
+    return int(major), int(minor)
+
+
+# Triton's launch binding, as JITFunction.run does it before compiling, in Triton 3.6 to 3.9 (both ends checked):
+# ``create_function_from_signature(sig, kparams, backend)`` makes a binder whose call returns ``(bound_args,
+# specialization, options)``; ``JITFunction._pack_args(backend, kwargs, bound_args, specialization, options)`` turns
+# them into ``(options, signature, constexprs, attrs)`` for ``ASTSource``. Triton 3.5 and older bind differently.
+_BINDER_PARAMS = ("sig", "kparams", "backend")
+_PACK_ARGS_PARAMS = ("self", "backend", "kwargs", "bound_args", "specialization", "options")
+
+
+def _triton_binding():
+    """``(create_function_from_signature, JITFunction._pack_args)`` of the installed Triton, or a RuntimeError that
+    names the version and what differs when that is not the interface described above."""
+    import inspect
+
+    import triton
+    from triton.runtime import jit
+
+    version = triton.__version__
+    tested = f"tested with Triton {TESTED_TRITON[0]} to {TESTED_TRITON[1]}"
+    if _version(version) < _version(TESTED_TRITON[0]):
+        raise RuntimeError(f"fused_lora.aot needs Triton >= {TESTED_TRITON[0]} ({tested}); found {version}")
+    create = getattr(jit, "create_function_from_signature", None)
+    pack = getattr(getattr(jit, "JITFunction", None), "_pack_args", None)
+    found = tuple(None if f is None else tuple(inspect.signature(f).parameters) for f in (create, pack))
+    if found != (_BINDER_PARAMS, _PACK_ARGS_PARAMS):
+        raise RuntimeError(
+            f"fused_lora.aot ({tested}) does not know the launch binder of Triton {version}: expected "
+            f"triton.runtime.jit.create_function_from_signature{_BINDER_PARAMS} and "
+            f"JITFunction._pack_args{_PACK_ARGS_PARAMS}, found {found[0]} and {found[1]}; adapt compile_capture"
+        )
+    return create, pack
+
+
 def compile_capture(capture: Capture, args: dict, cfg, target_arch: int):
     """Compile one captured launch (with launch arguments ``args``) and configuration ``cfg`` for
     ``sm_<target_arch>``; returns Triton's compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``)."""
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile, make_backend
-    from triton.runtime.jit import create_function_from_signature
 
+    create_function_from_signature, pack_args = _triton_binding()
     kernel = _launcher_by_name(capture.launcher).kernel
     target = GPUTarget("cuda", target_arch, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     kwargs = {**args, **cfg.all_kwargs()}
-    bound_args, specialization, options = binder(**kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    bound = binder(**kwargs)
+    packed = pack_args(kernel, backend, kwargs, *bound) if isinstance(bound, tuple) and len(bound) == 3 else None
+    if not (isinstance(packed, tuple) and len(packed) == 4):
+        raise RuntimeError(f"fused_lora.aot: Triton {triton.__version__}'s binder returned "
+                           f"{type(bound).__name__} / {type(packed).__name__}, not the 3- and 4-tuples it knows")
+    options, signature, constexprs, attrs = packed
     return compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
@@ -273,6 +320,7 @@ def compile_all(workers: Optional[int] = None) -> List[CompileResult]:
     """Compile every (kernel, configuration, variant, target); in parallel processes."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("fused_lora.aot needs TRITON_INTERPRET unset: interpreted kernels cannot be compiled")
+    _triton_binding()  # an unknown Triton fails here, once, with the reason (not as one error per compilation)
     todo = jobs()
     workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
     if workers == 1:

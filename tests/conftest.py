@@ -36,10 +36,35 @@ if HAS_CUDA:
 
 
 def pytest_report_header(config):
-    mode = "interpreter" if INTERPRETING else ("compiled" if triton_available() else "unavailable")
+    mode = "compiled" if triton_available() else "unavailable"
+    if INTERPRETING:
+        mode = "interpreter with exact bf16 (tests/triton_bf16.py)"
     return f"fused-lora: CUDA={HAS_CUDA}, Triton kernels: {mode}, device/backends: {DEVICE_BACKENDS}"
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``triton_kernels`` every test that runs or compiles the Triton kernels, so that `make
+    test-oldest-triton` selects them (``-m triton_kernels``) without a list of names: tests parametrized with the
+    "triton" backend, tests whose code names that backend, the kernels module or TRITON_INTERPRET (to compile), and
+    the tests of modules that define their own @triton.jit kernels."""
+    import inspect
+    import re
+
+    runs_kernels = re.compile(r"[\"']triton[\"']|fused_lora\.kernels|\bkernels\.(lora|nf4)\b|TRITON_INTERPRET")
+    defines_kernels = {}
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        module = getattr(item, "module", None)
+        try:
+            code = inspect.getsource(item.function) if hasattr(item, "function") else ""
+            if module is not None and module not in defines_kernels:
+                defines_kernels[module] = "@triton.jit" in inspect.getsource(module)
+        except (OSError, TypeError):
+            code = ""
+        if params.get("backend") == "triton" or runs_kernels.search(code) or defines_kernels.get(module):
+            item.add_marker("triton_kernels")

@@ -57,3 +57,19 @@ def test_every_shipped_configuration_is_covered(results):
                 for target in aot.TARGETS:
                     key = (launcher.name, family, name, cfg.num_warps, cfg.num_stages, target)
                     assert key in compiled, f"not compiled: {key}"
+
+
+def test_tested_triton_range_is_declared_consistently():
+    """The oldest and newest tested Triton (fused_lora.aot.TESTED_TRITON) are pyproject.toml's lower bound and the
+    two pins of scripts/setup-env.sh (`make test` on the newest, `make test-oldest-triton` on the oldest)."""
+    import re
+    from pathlib import Path
+
+    from fused_lora.aot import TESTED_TRITON
+
+    root = Path(__file__).resolve().parents[1]
+    oldest, newest = TESTED_TRITON
+    lower = re.search(r'"triton>=([\d.]+)', (root / "pyproject.toml").read_text()).group(1)
+    assert lower.split(".")[:2] == oldest.split(".")[:2], f"pyproject.toml says triton>={lower}, oldest tested {oldest}"
+    script = (root / "scripts" / "setup-env.sh").read_text()
+    assert f"\nTRITON_OLDEST={oldest}\n" in script and f"\nTRITON_NEWEST={newest}\n" in script

@@ -772,6 +772,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
 
     for name, new in replacements:
         _set_submodule(root, name, new)
+    _record_shared_weights(root, [name for name, new in replacements if isinstance(new, LORA_LAYER_TYPES)])
     meta = get_meta(root)
     meta.modules_to_save = list(getattr(config, "modules_to_save", None) or [])
     meta.modules_to_save_names = saved

@@ -225,3 +225,13 @@ def test_encoder_fast_path_really_skips_the_adapter():
             torch.backends.mha.set_fastpath_enabled(before)
     torch.testing.assert_close(skipped, base)
     assert (used - base).abs().max() > 1e-3
+
+
+def test_from_peft_records_tied_weights():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_Tied(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"]))
+    with pytest.warns(UserWarning, match=r"lm_head: the base weight is shared with embed.weight"):
+        converted = fused_lora.from_peft(model)
+    with pytest.raises(RuntimeError, match="tied weights"):
+        converted.lm_head.merge()

@@ -84,17 +84,19 @@ def test_environment_variable():
 
 def test_cpu_half_compute_policy_setting():
     """set_cpu_half_compute / use_cpu_half_compute / FUSED_LORA_CPU_HALF_COMPUTE, validated like the backend."""
-    assert fused_lora.get_cpu_half_compute() == "auto"
+    default = fused_lora.get_cpu_half_compute()  # "auto" unless FUSED_LORA_CPU_HALF_COMPUTE says otherwise
+    assert default == os.environ.get("FUSED_LORA_CPU_HALF_COMPUTE", "auto").strip().lower()
     with fused_lora.use_cpu_half_compute("FP32"):
         assert fused_lora.get_cpu_half_compute() == "fp32"
         with fused_lora.use_cpu_half_compute("native"):
             assert fused_lora.get_cpu_half_compute() == "native"
         assert fused_lora.get_cpu_half_compute() == "fp32"
+    assert fused_lora.get_cpu_half_compute() == default
     fused_lora.set_cpu_half_compute("native")
     try:
         assert fused_lora.get_cpu_half_compute() == "native"
     finally:
-        fused_lora.set_cpu_half_compute("auto")
+        fused_lora.set_cpu_half_compute(default)
     for bad in ("bf16", "", None):
         with pytest.raises(ValueError, match="is not a CPU half-precision compute policy; choose one of auto, fp32"):
             fused_lora.set_cpu_half_compute(bad)

@@ -54,7 +54,7 @@ def format_exact_cpu_dequantize():
     lib = torch.library.Library("bitsandbytes", "IMPL")
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
+            warnings.filterwarnings("ignore", message=r"(?s).*Overriding a previously registered kernel")
             lib.impl("dequantize_4bit", _dequantize_4bit_by_format, "CPU")
         yield
     finally:

@@ -11,10 +11,11 @@ Public API::
     apply_lora(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=False, quantize=None, ...)
     from_peft(peft_model), merge_and_unload(model), print_trainable_parameters(model)
     save_adapter(model, path, base_model_name_or_path=None), load_adapter(model, path)
-    set_backend("auto" | "triton" | "torch"), use_backend(name), get_backend()
+    set_backend("auto" | "triton" | "torch"), use_backend(name), get_backend(), auto_choices()
     set_cpu_half_compute("auto" | "fp32" | "native"), use_cpu_half_compute(policy), get_cpu_half_compute()
 """
 
+from ._autoselect import auto_choices, clear_auto_choices
 from ._backend import get_backend, set_backend, use_backend
 from .adapters import load_adapter, save_adapter
 from .functional import FusedLoraFunction, fused_lora_linear
@@ -33,6 +34,8 @@ from .torch_ops import get_cpu_half_compute, set_cpu_half_compute, use_cpu_half_
 __version__ = "0.1.0"
 
 __all__ = [
+    "auto_choices",
+    "clear_auto_choices",
     "FusedLoraFunction",
     "FusedLoraLinear",
     "FusedLoraLinearNF4",

@@ -2,7 +2,9 @@
 
 Rule (documented in the README):
 
-* ``"auto"`` (default): Triton for CUDA tensors when Triton imports, the torch path otherwise.
+* ``"auto"`` (default): for CUDA tensors when Triton imports, the faster of the Triton kernels and the torch path
+  (cuBLAS), chosen per pass and problem by timing both once (``fused_lora._autoselect``); the torch path
+  otherwise.
 * ``"triton"``: always the kernels. On CPU tensors they run only under the Triton interpreter
   (``TRITON_INTERPRET=1`` set before triton is imported); otherwise the call fails with a clear error.
 * ``"torch"``: always the pure-PyTorch path.
@@ -68,12 +70,13 @@ def triton_interpreting() -> bool:
 
 
 def resolve_backend(device: torch.device) -> str:
-    """Return ``"triton"`` or ``"torch"`` for tensors on ``device`` under the current backend setting."""
+    """Return ``"triton"``, ``"torch"`` or ``"fastest"`` (CUDA under ``"auto"`` with Triton: per pass and problem,
+    the faster of the two, see ``fused_lora._autoselect``) for tensors on ``device`` under the current setting."""
     requested = get_backend()
     if requested == "torch":
         return "torch"
     if requested == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        return "fastest" if device.type == "cuda" and triton_available() else "torch"
     # requested == "triton": never fall back silently.
     if not triton_available():
         raise RuntimeError(

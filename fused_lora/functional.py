@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-from . import torch_ops
+from . import _autoselect, torch_ops
 from ._backend import resolve_backend
 from .dropout import Dropout, seed_tensor
 from .nf4 import SUPPORTED_DTYPES as NF4_DTYPES
@@ -22,25 +22,30 @@ _NF4_ACTIVATION_DTYPES = NF4_DTYPES
 
 
 def _select_backend(x: torch.Tensor, out_features: int) -> str:
-    """``"triton"`` or ``"torch:<policy>"`` for this call (see fused_lora._backend for the rule). The torch path
-    carries the CPU half-precision compute policy in force at forward, so its backward follows the same one."""
+    """``"triton"``, ``"fastest"`` or ``"torch:<policy>"`` for this call (see fused_lora._backend for the rule).
+    The torch path carries the CPU half-precision compute policy in force at forward, so its backward follows the
+    same one."""
     backend = resolve_backend(x.device)
-    if backend == "torch" or x.numel() == 0 or out_features == 0:
-        # Empty problems have exact, trivial results (empty outputs, zero gradients): no kernel launch needed.
+    # Empty problems have exact, trivial results (empty outputs, zero gradients): no kernel launch needed. float64
+    # has no kernels: "auto" computes it on the torch path.
+    trivial = x.numel() == 0 or out_features == 0
+    if backend == "torch" or trivial or (backend == "fastest" and x.dtype == torch.float64):
         return f"torch:{torch_ops.get_cpu_half_compute()}"
     if x.dtype == torch.float64:
         raise TypeError(
             "the Triton backend computes in float32/float16/bfloat16, got float64 tensors; "
             "use set_backend('torch') (or use_backend('torch')) for float64"
         )
-    return "triton"
+    return backend
 
 
 def _run(backend: str, name: str, *args):
     """``lora_forward`` or ``lora_backward`` (``name``) of the implementation ``backend`` names."""
-    if backend == "triton":
+    if backend in ("triton", "fastest"):
         from . import kernels
 
+        if backend == "fastest":
+            return _autoselect.run_fastest(name, args, {"triton": kernels, "torch": torch_ops})
         return getattr(kernels, name)(*args)
     with torch_ops.use_cpu_half_compute(backend.partition(":")[2]):
         return getattr(torch_ops, name)(*args)

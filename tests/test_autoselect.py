@@ -1,0 +1,115 @@
+"""The "auto" backend on CUDA picks, per pass and problem, the faster of the Triton kernels and the torch path. The
+selection logic runs here on CPU with injected timings (the kernels in the Triton interpreter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_lora
+from fused_lora import _autoselect, functional, fused_lora_linear, torch_ops
+from fused_lora.dropout import Dropout
+
+from conftest import INTERPRETING
+from helpers import assert_close_fp32, lora_reference, make_inputs, outputs_and_grads
+
+
+def test_selector_picks_the_fastest_once_per_key():
+    timed = []
+
+    def timer(key, candidate, fn):
+        timed.append((key, candidate))
+        return fn()
+
+    sel = _autoselect.AutoSelector(timer)
+    candidates = {"triton": lambda: 2.0, "torch": lambda: 1.0}
+    assert sel.choose(("k",), candidates) == "torch"
+    assert sel.choose(("k",), candidates) == "torch"
+    assert timed == [(("k",), "triton"), (("k",), "torch")]  # timed once
+    assert sel.choose(("tie",), {"triton": lambda: 1.0, "torch": lambda: 1.0}) == "triton"
+    first, tie = sel.choices()
+    assert first.key == ("k",) and first.winner == "torch" and first.times_ms == {"triton": 2.0, "torch": 1.0}
+    assert tie.winner == "triton"
+    sel.clear()
+    assert sel.choices() == []
+
+
+def test_problem_keys_separate_passes_shapes_dtypes_and_variants():
+    inp = make_inputs(37, 40, 24, 8, torch.float32, "cpu")
+    fwd = (inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], inp["bias"], 1.0, None)
+    key = _autoselect.problem_key("lora_forward", fwd)
+    assert key == _autoselect.problem_key("lora_forward", (inp["x"][:33],) + fwd[1:])  # same power-of-two bucket
+    assert key != _autoselect.problem_key("lora_forward", (inp["x"][:31],) + fwd[1:])
+    assert key != _autoselect.problem_key("lora_forward", fwd[:4] + (None,) + fwd[5:])  # no bias
+    assert key != _autoselect.problem_key("lora_forward", fwd[:6] + (Dropout(0.1, 3),))
+    assert key != _autoselect.problem_key("lora_forward", (inp["x"].t().contiguous().t(),) + fwd[1:])
+    half = tuple(t.half() if isinstance(t, torch.Tensor) else t for t in fwd)
+    assert key != _autoselect.problem_key("lora_forward", half)
+    g, xa = inp["grad"], torch.zeros(37, 8)
+    bwd = (g, inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], xa, 1.0, None, (True, False, True, True, True))
+    assert _autoselect.problem_key("lora_backward", bwd) != key
+    assert _autoselect.problem_key("lora_backward", bwd) != _autoselect.problem_key(
+        "lora_backward", bwd[:8] + ((False, False, True, True, True),))
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="runs the kernels in the Triton interpreter")
+@pytest.mark.parametrize("fwd_winner,bwd_winner", [("torch", "triton"), ("triton", "torch")])
+def test_each_pass_runs_its_winner_with_the_same_numbers(monkeypatch, fwd_winner, bwd_winner):
+    """Forward and backward may take different paths (they exchange the same saved tensors): outputs and every
+    gradient match the float64 reference with the same dropout mask; each pass is timed once, then its winner
+    alone runs."""
+    winners = {"lora_forward": fwd_winner, "lora_backward": bwd_winner}
+    timed = []
+
+    def timer(key, candidate, fn):
+        fn()  # the candidate must work
+        timed.append((key[0], candidate))
+        return 1.0 if candidate == winners[key[0]] else 3.0
+
+    monkeypatch.setattr(_autoselect, "SELECTOR", _autoselect.AutoSelector(timer))
+    monkeypatch.setattr(functional, "resolve_backend", lambda device: "fastest")
+    ran = []
+    for impl, label in ((torch_ops, "torch"), (fused_lora.kernels, "triton")):
+        for name in ("lora_forward", "lora_backward"):
+            real = getattr(impl, name)
+            monkeypatch.setattr(impl, name, lambda *a, real=real, label=label, name=name:
+                                ran.append((name, label)) or real(*a))
+
+    inp = make_inputs(37, 41, 33, 8, torch.float32, "cpu")
+    grad = inp.pop("grad")
+
+    def fn(x, weight, lora_A, lora_B, bias):
+        return fused_lora_linear(x, weight, lora_A, lora_B, 1.5, bias=bias, dropout_p=0.25, seed=9)
+
+    outputs_and_grads(fn, inp, grad)
+    assert sorted(timed) == sorted((p, c) for p in winners for c in ("triton", "torch"))
+    ran.clear()
+    out = outputs_and_grads(fn, inp, grad)
+    assert len(timed) == 4 and ran == [("lora_forward", fwd_winner), ("lora_backward", bwd_winner)]
+    keep = Dropout(0.25, 9).keep_mask(37, 41, torch.device("cpu"))
+    ref = outputs_and_grads(lambda **t: lora_reference(**t, scaling=1.5, keep=keep, p=0.25),
+                            {k: v.double() for k, v in inp.items()}, grad.double())
+    assert set(out) == set(ref)
+    for name in out:
+        assert_close_fp32(out[name], ref[name], name)
+    assert {c.key[0]: c.winner for c in fused_lora.auto_choices()} == winners
+
+
+def test_auto_on_cpu_and_forced_backends_do_not_time(monkeypatch):
+    """On CPU "auto" is the torch path, and set_backend("triton" / "torch") never times anything."""
+    calls = []
+    monkeypatch.setattr(_autoselect, "SELECTOR", _autoselect.AutoSelector(lambda *a: calls.append(a) or 1.0))
+    inp = make_inputs(5, 8, 6, 2, torch.float32, "cpu")
+    for backend in ["auto", "torch"] + (["triton"] if INTERPRETING else []):
+        with fused_lora.use_backend(backend):
+            fused_lora_linear(inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], 1.0)
+    assert calls == [] and fused_lora.auto_choices() == []
+
+
+def test_float64_under_auto_takes_the_torch_path(monkeypatch):
+    monkeypatch.setattr(functional, "resolve_backend", lambda device: "fastest")
+    monkeypatch.setattr(_autoselect, "SELECTOR",
+                        _autoselect.AutoSelector(lambda *a: pytest.fail("float64 was timed")))
+    inp = make_inputs(5, 8, 6, 2, torch.float64, "cpu")
+    y = fused_lora_linear(inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], 1.0)
+    assert y.dtype == torch.float64

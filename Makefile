@@ -6,8 +6,13 @@
 #   make test-oldest-triton   the same kernel checks on the oldest supported Triton, in .venv-triton-oldest: the
 #                ahead-of-time compile (marker aot) and every test that runs the kernels (marker triton_kernels,
 #                set by tests/conftest.py), in that Triton's interpreter
+#   make gpu-check [OUT=dir]   the GPU acceptance run (benchmarks/gpu_check.py): CUDA tests, headline and QLoRA
+#                benchmarks, per-kernel timings, goals; at most 8 minutes, everything in one folder (OUT, else
+#                $GPU_CHECK_OUT, else benchmarks/results/gpu-check-<device>). Without CUDA it prints its plan.
+#                If the set-up fails (e.g. an offline GPU image refusing the editable install), python3 runs it
+#                from the checkout as it is.
 
-.PHONY: bench test test-oldest-triton compile-report
+.PHONY: bench test test-oldest-triton compile-report gpu-check
 
 bench:
 	@PY=$$(scripts/setup-env.sh) && $$PY -m benchmarks $(ARGS)
@@ -23,3 +28,7 @@ test-oldest-triton:
 
 compile-report:
 	@PY=$$(scripts/setup-env.sh) && $$PY -m benchmarks.compile_report $(ARGS)
+
+gpu-check:
+	@PY=$$(scripts/setup-env.sh) || { echo "gpu-check: set-up failed; running python3 on the checkout" >&2; PY=python3; }; \
+	$$PY -m benchmarks.gpu_check $(if $(OUT),--out "$(OUT)") $(ARGS)

@@ -60,19 +60,9 @@ def main(argv=None) -> int:
     with tqdm(total=len(cases), unit="case", file=sys.stderr, dynamic_ncols=True) as bar:
         for shape, providers in groups.items():
             bar.set_description(f"{shape.label} {shape.dtype_name} r={shape.r} p={shape.p:g}")
-            modules = {}
-            for provider in providers:
-                try:
-                    modules[provider] = suite.build(provider, shape, device)
-                except Exception as exc:  # e.g. a missing optional dependency: report and keep going
-                    print(f"\nskipping {provider} {shape}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            try:
-                measurements += suite.measure_shape(modules, shape, providers, device, ns.budget, bar.update)
-            except Exception as exc:
-                print(f"\nfailed {shape}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            del modules
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            # a provider that cannot be built (e.g. a missing optional dependency) is reported and left out
+            measurements += suite.measure_group(shape, providers, device, ns.budget, bar.update,
+                                                report=lambda message: print(f"\n{message}", file=sys.stderr))
 
     print()
     print(report.table(measurements))

@@ -7,6 +7,7 @@ import math
 from typing import Callable, Dict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fused_lora import FusedLoraLinear
@@ -86,9 +87,68 @@ def _bnb_linear4bit(K, N, dtype, device):
     return lin.to(device)  # moving an unquantized Params4bit to a device quantizes it
 
 
+def _bnb_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def build_fused_nf4(K, N, r, p, dtype, device):
-    layer = FusedLoraLinear.from_bnb(_bnb_linear4bit(K, N, dtype, device), r=r, lora_alpha=2 * r, lora_dropout=p,
-                                     compute_dtype=dtype)
+    """``FusedLoraLinear`` on an NF4 base: read from a bitsandbytes ``Linear4bit`` where bitsandbytes imports, else
+    quantized by fused_lora's own ``quantize_nf4`` (the same bytes: tests/test_nf4_format.py), e.g. on a GPU image
+    without bitsandbytes."""
+    if _bnb_available():
+        layer = FusedLoraLinear.from_bnb(_bnb_linear4bit(K, N, dtype, device), r=r, lora_alpha=2 * r,
+                                         lora_dropout=p, compute_dtype=dtype)
+    else:
+        layer = FusedLoraLinear.from_linear(_frozen_linear(K, N, dtype, device), r=r, lora_alpha=2 * r,
+                                            lora_dropout=p, quantize="nf4", compute_dtype=dtype)
+    _set_adapters(layer.lora_A, layer.lora_B)
+    return layer
+
+
+class _DequantizeLinear(torch.autograd.Function):
+    """``x W^T + b`` with ``W`` dequantized from NF4 in forward and again in backward (W frozen: only ``dx``), as
+    bitsandbytes' ``MatMul4Bit`` does: nothing of W's size is kept between the two passes."""
+
+    @staticmethod
+    def forward(ctx, x, bias, weight, dtype):
+        ctx.weight, ctx.dtype = weight, dtype
+        return F.linear(x, weight.dequantize_torch(dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx = grad @ ctx.weight.dequantize_torch(ctx.dtype) if ctx.needs_input_grad[0] else None
+        return dx, None, None, None
+
+
+class DequantizeNF4Lora(nn.Module):
+    """QLoRA computed the way PEFT on a bitsandbytes ``Linear4bit`` computes it -- dequantize W, a dense matmul, the
+    eager LoRA branch ``dropout(x) @ A^T @ B^T * s`` -- with fused_lora's torch dequantization
+    (``NF4Weight.dequantize_torch``, a few PyTorch ops) of the same NF4 bytes in place of bitsandbytes' CUDA kernel.
+    The baseline of ``fused-nf4`` where bitsandbytes is absent (``make gpu-check``)."""
+
+    def __init__(self, nf4_weight, bias, r: int, lora_alpha: float, lora_dropout: float, dtype: torch.dtype):
+        super().__init__()
+        self.nf4_weight, self.dtype = nf4_weight, dtype
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        N, K = nf4_weight.shape
+        factory = {"dtype": dtype, "device": nf4_weight.device}
+        self.lora_A = nn.Parameter(torch.empty(r, K, **factory))
+        self.lora_B = nn.Parameter(torch.empty(N, r, **factory))
+        self.dropout = nn.Dropout(lora_dropout)
+        self.scaling = lora_alpha / r
+
+    def forward(self, x):
+        base = _DequantizeLinear.apply(x, self.bias, self.nf4_weight, self.dtype)
+        return base + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+
+
+def build_nf4_dequantize(K, N, r, p, dtype, device):
+    fused = build_fused_nf4(K, N, r, p, dtype, device)  # the same NF4 bytes and bias as "fused-nf4"
+    layer = DequantizeNF4Lora(fused.nf4_weight, fused.bias, r, 2 * r, p, dtype)
     _set_adapters(layer.lora_A, layer.lora_B)
     return layer
 
@@ -114,16 +174,17 @@ PROVIDERS: Dict[str, Callable] = {
     "base": build_base,
     "fused-nf4": build_fused_nf4,
     "peft-nf4": build_peft_nf4,
+    "nf4-dequant": build_nf4_dequantize,
 }
 
 
 @functools.lru_cache(maxsize=None)
 def available(provider: str) -> bool:
-    """Whether a provider's dependencies import here (peft, bitsandbytes)."""
+    """Whether a provider's dependencies import here (peft; bitsandbytes for ``peft-nf4``)."""
     try:
         if provider.startswith("peft"):
             import peft  # noqa: F401
-        if provider.endswith("nf4"):
+        if provider == "peft-nf4":
             import bitsandbytes  # noqa: F401
     except ImportError:
         return False

@@ -27,11 +27,16 @@ if INTERPRETING:
 
     triton_bf16.install()
 
+# FUSED_LORA_TEST_COLLECT_CUDA=1: collect the CUDA parametrizations on a machine without CUDA, for
+# `pytest --collect-only` only (tests/test_gpu_check.py checks which tests `make gpu-check` selects); such items are
+# marked skipped, never run.
+COLLECT_CUDA = os.environ.get("FUSED_LORA_TEST_COLLECT_CUDA") == "1" and not HAS_CUDA
+
 # (device, backend) pairs that can run here.
 DEVICE_BACKENDS = [("cpu", "torch")]
 if INTERPRETING:
     DEVICE_BACKENDS.append(("cpu", "triton"))
-if HAS_CUDA:
+if HAS_CUDA or COLLECT_CUDA:
     DEVICE_BACKENDS += [("cuda", "torch")] + ([("cuda", "triton")] if triton_available() else [])
 
 
@@ -68,3 +73,16 @@ def pytest_collection_modifyitems(config, items):
             code = ""
         if params.get("backend") == "triton" or runs_kernels.search(code) or defines_kernels.get(module):
             item.add_marker("triton_kernels")
+        _gpu_check_on_cuda_only(item, params)
+
+
+def _gpu_check_on_cuda_only(item, params):
+    """``make gpu-check`` runs the tests marked ``gpu_check`` (``-m gpu_check``) on CUDA: the mark is kept on their
+    CUDA parametrizations and on marked tests without a ``device`` parameter, and taken off the others (mark the
+    test functions themselves, not their module or class). CUDA items collected without CUDA
+    (``FUSED_LORA_TEST_COLLECT_CUDA``) are skipped."""
+    device = params.get("device")
+    if device is not None and device != "cuda":
+        item.own_markers[:] = [mark for mark in item.own_markers if mark.name != "gpu_check"]
+    if device == "cuda" and not HAS_CUDA:
+        item.add_marker(pytest.mark.skip(reason="CUDA parametrization collected without a CUDA device"))

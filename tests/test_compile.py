@@ -28,6 +28,7 @@ def _compiled_backends():
     return [db for db in DEVICE_BACKENDS if not (db[0] == "cpu" and db[1] == "triton")]
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("device,backend", _compiled_backends())
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_fullgraph_compile_matches_eager(device, backend, p):

@@ -10,7 +10,7 @@ import torch
 from fused_lora import fused_lora_linear, use_backend
 from fused_lora.dropout import Dropout, mix32
 
-from conftest import DEVICE_BACKENDS, INTERPRETING
+from conftest import DEVICE_BACKENDS
 
 
 def _scalar_keep(dropout: Dropout, row: int, col: int, n_cols: int) -> bool:
@@ -107,6 +107,7 @@ def test_masks_are_not_correlated_between_neighbours_or_seeds():
     assert abs((a[1:] * a[:-1]).mean().item()) <= 4 / math.sqrt(a[1:].numel())  # next row
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_kept_values_scaled_and_dropped_values_zero(device, backend):
     """With W = 0, A = I and B = I the output is exactly D(x): kept elements are x / (1 - p), the rest 0."""
@@ -120,18 +121,21 @@ def test_kept_values_scaled_and_dropped_values_zero(device, backend):
     torch.testing.assert_close(y[keep], x[keep] / (1 - p), rtol=1e-6, atol=0)
 
 
-@pytest.mark.skipif(not INTERPRETING, reason="compares the kernel mask with the torch mask in the interpreter")
+@pytest.mark.gpu_check
+@pytest.mark.parametrize("device", [device for device, backend in DEVICE_BACKENDS if backend == "triton"])
 @pytest.mark.parametrize("rows,cols", [(37, 100), (16, 33), (1, 1)])
-def test_triton_mask_bits_equal_torch_mask(rows, cols):
-    """The down-projection kernel with A = I returns D(x) itself: its zero pattern is the kernel's mask."""
+def test_triton_mask_bits_equal_torch_mask(device, rows, cols):
+    """The down-projection kernel with A = I returns D(x) itself: its zero pattern is the kernel's mask, which must
+    be the torch path's mask computed on the CPU (in the interpreter on CPU, compiled on CUDA)."""
     from fused_lora.kernels.lora import lora_forward
 
     d = Dropout(0.4, seed=-5)  # negative seeds are folded to 64 bits
-    x = torch.randn(rows, cols).abs() + 0.5  # no zeros: a zero output means dropped
-    eye = torch.eye(cols)
-    _, xa = lora_forward(x, torch.zeros(1, cols), eye[: min(cols, 64)], torch.zeros(1, min(cols, 64)), None, 1.0, d)
+    x = (torch.randn(rows, cols).abs() + 0.5).to(device)  # no zeros: a zero output means dropped
+    eye = torch.eye(cols, device=device)
+    zeros = torch.zeros(1, min(cols, 64), device=device)
+    _, xa = lora_forward(x, torch.zeros(1, cols, device=device), eye[: min(cols, 64)], zeros, None, 1.0, d)
     keep = d.keep_mask(rows, cols, "cpu")[:, : min(cols, 64)]
-    assert torch.equal(xa != 0, keep)
+    assert torch.equal(xa.cpu() != 0, keep)
 
 
 @pytest.mark.parametrize("bad", [0.0, 1.0, -0.5, 1.5])

@@ -47,6 +47,7 @@ def _run(layer, x, g, a_param, b_param):
     return {"y": y.detach(), "x": x.grad, "lora_A": a_param.grad.clone(), "lora_B": b_param.grad.clone()}
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("use_rslora", [False, True])
 @pytest.mark.parametrize("shape", [(2, 9, 48, 40), (37, 1, 100, 33)])
@@ -64,6 +65,7 @@ def test_matches_peft_fp32(device, backend, use_rslora, shape):
         assert_close_fp32(mine[name], ref[name], name)
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_matches_peft_bf16_three_way(device, backend):
     """bf16: at most twice PEFT's own bf16 error against a float64 computation of the same layer (the Triton

@@ -275,6 +275,7 @@ TRITON_BACKENDS = [db for db in DEVICE_BACKENDS if db[1] == "triton"]
 TRITON_CASES = [((7, 9), 64), ((5, 100), 64), ((19, 70), 32), ((64, 40), 32), ((3, 300), 256)]
 
 
+@pytest.mark.gpu_check
 @pytest.mark.skipif(not TRITON_BACKENDS, reason="no Triton backend here (neither CUDA nor the interpreter)")
 @pytest.mark.parametrize("device,backend", TRITON_BACKENDS)
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -302,6 +303,7 @@ def test_triton_dequantize_matches_bitsandbytes(device, backend, shape, blocksiz
     _assert_bits_equal(buf.t().cpu(), bnb_oracle.dequantize(packed, qs, torch.float32), "transposed out")
 
 
+@pytest.mark.gpu_check
 @pytest.mark.skipif(not TRITON_BACKENDS, reason="no Triton backend here (neither CUDA nor the interpreter)")
 @pytest.mark.parametrize("device,backend", TRITON_BACKENDS)
 def test_triton_dequantize_int64_indexing(device, backend):
@@ -359,6 +361,7 @@ def test_compiled_kernel_keeps_the_nested_roundings_separate():
             assert int(add) > 0 and int(mul) >= 2 * int(add), f"sm_{target}: mul.rn {mul}, add.rn {add}"
 
 
+@pytest.mark.gpu_check
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", DTYPES)

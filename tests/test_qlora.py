@@ -85,6 +85,7 @@ def _run_reference(layer, x, g, dtype, seed):
 SHAPES = [(37, 41, 33, 8), (37, 100, 64, 16), (150, 128, 72, 16), (20, 64, 48, 80)]
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("M,K,N,r", SHAPES)
 @pytest.mark.parametrize("p", [0.0, 0.2])
@@ -101,6 +102,7 @@ def test_nf4_fp32_matches_float64_reference(device, backend, M, K, N, r, p):
         assert_close_fp32(out[name], ref[name], name)
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M,K,N,r", [(37, 100, 64, 16), (150, 128, 72, 16)])

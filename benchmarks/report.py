@@ -7,14 +7,14 @@ import datetime
 import os
 import platform
 from collections import defaultdict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 from .suite import Measurement
 
 CSV_FIELDS = ["timestamp", "device", "provider", "mode", "metric", "tokens", "in_features", "out_features", "shape",
-              "dtype", "r", "p", "p20", "p50", "p80", "versions"]
+              "dtype", "r", "p", "p20", "p50", "p80", "versions", "auto_path"]
 
 
 def device_name(device: torch.device) -> str:
@@ -59,9 +59,12 @@ def library_versions() -> str:
     return " ".join(parts)
 
 
-def csv_rows(measurements: List[Measurement], device: torch.device) -> List[Dict[str, object]]:
+def csv_rows(measurements: List[Measurement], device: torch.device, device_label: Optional[str] = None
+             ) -> List[Dict[str, object]]:
+    """CSV rows of ``measurements``; ``device_label`` (default: :func:`device_name` of ``device``) fills the
+    device column."""
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    dev, versions = device_name(device), library_versions()
+    dev, versions = device_label or device_name(device), library_versions()
     rows = []
     for m in measurements:
         s = m.case.shape
@@ -72,13 +75,27 @@ def csv_rows(measurements: List[Measurement], device: torch.device) -> List[Dict
             rows.append(dict(timestamp=stamp, device=dev, provider=m.case.provider, mode=m.case.mode, metric=metric,
                              tokens=s.tokens, in_features=s.in_features, out_features=s.out_features, shape=s.label,
                              dtype=s.dtype_name, r=s.r, p=s.p, p20=f"{q20:.6g}", p50=f"{q50:.6g}", p80=f"{q80:.6g}",
-                             versions=versions))
+                             versions=versions, auto_path=m.auto_path))
     return rows
 
 
 def append_csv(path: str, rows: List[Dict[str, object]]) -> None:
+    """Append ``rows``; a file written with fewer columns (an older CSV_FIELDS) is first rewritten with the current
+    header, its rows keeping their values and leaving the new columns empty."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     new = not os.path.exists(path)
+    if not new:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header, old_rows = reader.fieldnames or [], list(reader)
+        if header != CSV_FIELDS:
+            unknown = set(header) - set(CSV_FIELDS)
+            if unknown:
+                raise ValueError(f"{path} has columns {sorted(unknown)} this version does not write")
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+                writer.writeheader()
+                writer.writerows(old_rows)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         if new:
@@ -99,7 +116,7 @@ def table(measurements: List[Measurement]) -> str:
         by_key[_key(m)][m.case.provider] = m
 
     head = ["shape MxKxN", "dtype", "r", "p", "mode", "provider", "ms p50", "p20-p80", "TFLOP/s", "saved MiB",
-            "peak MiB", "vs peft", "vs base"]  # "vs peft": vs peft-nf4 for the NF4 rows
+            "peak MiB", "vs peft", "vs base", "auto ran"]  # "vs peft": vs peft-nf4 for the NF4 rows
     lines = [head]
     for key in sorted(by_key, key=lambda k: (k[1], int(k[0].split("x")[0]), k[0], k[2], k[3], k[4])):
         group = by_key[key]
@@ -113,15 +130,16 @@ def table(measurements: List[Measurement]) -> str:
             ratio_base = f"{t50 / base.time_ms[1]:.2f}x" if base else "-"
             lines.append([label, dtype, str(r), f"{p:g}", mode, provider, f"{t50:.3f}", f"{t20:.3f}-{t80:.3f}",
                           f"{m.tflops[1]:.3f}", f"{m.saved_mib:.1f}",
-                          "-" if m.peak_mem_mib is None else f"{m.peak_mem_mib:.1f}", ratio_peft, ratio_base])
+                          "-" if m.peak_mem_mib is None else f"{m.peak_mem_mib:.1f}", ratio_peft, ratio_base,
+                          m.auto_path or "-"])
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    out = ["  ".join(c.rjust(w) if i >= 6 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    out = ["  ".join(c.rjust(w) if 6 <= i < len(head) - 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
            for row in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
 
 
-_ORDER = ["fused", "fused-nf4", "peft", "peft-nf4", "naive", "naive+compile", "base"]
+_ORDER = ["fused", "fused-nf4", "peft", "peft-nf4", "nf4-dequant", "naive", "naive+compile", "base"]
 
 
 def peft_counterpart(provider: str) -> str:

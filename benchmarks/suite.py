@@ -58,6 +58,7 @@ class Measurement:
     time_ms: Tuple[float, float, float]  # p20, p50, p80
     saved_mib: float
     peak_mem_mib: Optional[float]
+    auto_path: str = ""  # fused providers: what the "auto" backend ran per pass (auto_path_label)
 
     @property
     def tflops(self) -> Tuple[float, float, float]:
@@ -250,9 +251,54 @@ def measure_shape(modules: Dict[str, object], shape: Shape, modes: Dict[str, Ite
             times = _cpu_interleaved(fns, budget_s)
         for name in fns:
             runners[name].release()
-            out.append(Measurement(Case(name, mode, shape), times[name], saved[name], peaks.get(name)))
+            path = auto_path_label(shape, device) if name.startswith("fused") else ""
+            out.append(Measurement(Case(name, mode, shape), times[name], saved[name], peaks.get(name), path))
         if progress is not None:
             progress(len(fns))
+    return out
+
+
+def auto_path_label(shape: Shape, device: torch.device) -> str:
+    """Which implementation the ``"auto"`` backend ran for this shape, per pass: ``"forward=triton
+    backward=torch"`` on CUDA (from ``fused_lora.auto_choices()``; several backward variants are joined with
+    ``/``), ``"torch"`` on the CPU (where "auto" is the torch path)."""
+    if device.type != "cuda":
+        return "torch"
+    from fused_lora import _autoselect, auto_choices
+
+    winners: Dict[str, List[str]] = {}
+    for choice in auto_choices():
+        name, _dev, bucket, k, n, r, dtype = choice.key[:7]
+        if (bucket, k, n, r, dtype) == (_autoselect._pow2(shape.tokens), shape.in_features, shape.out_features,
+                                        shape.r, str(shape.dtype)):
+            pass_name = name.replace("lora_", "")
+            if choice.winner not in winners.setdefault(pass_name, []):
+                winners[pass_name].append(choice.winner)
+    return " ".join(f"{p}={'/'.join(w)}" for p, w in winners.items())
+
+
+def measure_group(shape: Shape, providers: Dict[str, Iterable[str]], device: torch.device, budget_s: float = 1.0,
+                  progress=None, report=None) -> List[Measurement]:
+    """Build the providers of one shape (``providers[name]``: the modes to time) and measure them side by side.
+    A provider that cannot be built (e.g. a missing optional dependency) is reported through ``report(message)``
+    and left out; a failed measurement is reported and gives no rows."""
+    import sys
+
+    report = report or (lambda message: print(message, file=sys.stderr))
+    modules = {}
+    for provider in providers:
+        try:
+            modules[provider] = build(provider, shape, device)
+        except Exception as exc:
+            report(f"skipping {provider} {shape}: {type(exc).__name__}: {exc}")
+    out: List[Measurement] = []
+    try:
+        out = measure_shape(modules, shape, {name: providers[name] for name in modules}, device, budget_s, progress)
+    except Exception as exc:
+        report(f"failed {shape}: {type(exc).__name__}: {exc}")
+    del modules
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 

@@ -113,3 +113,34 @@ def test_float64_under_auto_takes_the_torch_path(monkeypatch):
     inp = make_inputs(5, 8, 6, 2, torch.float64, "cpu")
     y = fused_lora_linear(inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], 1.0)
     assert y.dtype == torch.float64
+
+
+def test_benchmark_column_says_which_path_auto_ran(monkeypatch, tmp_path):
+    """The benchmark suite's "auto_path" column: per pass, the winner recorded for the measured shape (CUDA), or
+    "torch" on the CPU; an older results CSV gains the column (empty for its rows) instead of being misaligned."""
+    import csv
+
+    from benchmarks import report, suite
+
+    sel = _autoselect.AutoSelector(lambda key, candidate, fn: {"triton": 1.0, "torch": 2.0}[candidate]
+                                   if key[0] == "lora_forward" else {"triton": 2.0, "torch": 1.0}[candidate])
+    monkeypatch.setattr(_autoselect, "SELECTOR", sel)
+    shape = suite.Shape(8192, 4096, 4096, 16, 0.1, torch.bfloat16)
+    cuda = torch.device("cuda")
+    assert suite.auto_path_label(shape, cuda) == ""
+    for name, m in (("lora_forward", 8192), ("lora_backward", 5000), ("lora_forward", 100)):  # 5000 -> 8192 bucket
+        sel.choose((name, "cuda:0", _autoselect._pow2(m), 4096, 4096, 16, "torch.bfloat16", False, False, True,
+                    True, ()), {"triton": None, "torch": None})
+    assert suite.auto_path_label(shape, cuda) == "forward=triton backward=torch"
+    assert suite.auto_path_label(shape, torch.device("cpu")) == "torch"
+
+    path = tmp_path / "results.csv"
+    old_fields = [f for f in report.CSV_FIELDS if f != "auto_path"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_fields)
+        writer.writeheader()
+        writer.writerow({k: "old" for k in old_fields})
+    report.append_csv(str(path), [{k: "new" for k in report.CSV_FIELDS}])
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["auto_path"] for r in rows] == ["", "new"] and rows[0]["provider"] == "old"

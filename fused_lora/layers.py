@@ -76,8 +76,8 @@ class FusedLoraLinear(nn.Module):
         # describes (loading one restores both); the Python bool is what forward reads (no device sync).
         self.register_buffer("lora_merged", torch.zeros((), dtype=torch.bool, device=factory["device"]))
         self._merged = False
-        # Names of other tensors sharing W's storage (tied weights), found by apply_lora / from_linear: merging
-        # into W in place would change them too.
+        # Names of the model's other tensors overlapping W's memory (tied weights), found by apply_lora /
+        # from_peft: merging into W in place would change them too.
         self.weight_shared_with: Tuple[str, ...] = ()
         self.reset_lora_parameters()
 
@@ -86,13 +86,45 @@ class FusedLoraLinear(nn.Module):
         """True while ``scaling * B @ A`` is folded into the base weight (:meth:`merge`)."""
         return self._merged
 
+    # The state-dict key of the base weight (the NF4 layer's packed codes).
+    _BASE_KEY = "weight"
+
     def _set_merged(self, merged: bool) -> None:
         self._merged = merged
-        self.lora_merged.fill_(merged)
+        self._sync_merged_buffer()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._merged = bool(self.lora_merged)  # the loaded weight is merged or not as its state dict says
+    def _sync_merged_buffer(self) -> None:
+        # The Python bool is the truth; the buffer only carries it into state dicts (and may hold garbage after
+        # to_empty()).
+        if self.lora_merged.device.type != "meta":
+            self.lora_merged.fill_(self._merged)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._sync_merged_buffer()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        flag_key = prefix + "lora_merged"
+        flag = state_dict.get(flag_key)
+        loads_base = prefix + self._BASE_KEY in state_dict
+        loads_adapter = any(prefix + name in state_dict for name in ("lora_A", "lora_B"))
+        # New adapter matrices for a merged base weight that stays: unmerge first and merge again after, so that W
+        # never holds a delta the layer does not know.
+        remerge = self.merged and loads_adapter and not loads_base and flag is None
+        if remerge:
+            self.unmerge()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if flag_key in missing_keys:  # state dicts written before the flag existed
+            missing_keys.remove(flag_key)
+        if flag is not None and flag.device.type != "meta":
+            self._merged = bool(flag)  # the loaded weight is merged or not as its state dict says
+        elif loads_base:
+            self._merged = False  # a base weight without the flag is an unmerged one
+        if remerge:
+            self.merge()
+        self._sync_merged_buffer()
 
     def _reset_base_parameters(self) -> None:
         # nn.Linear's initialisation, for layers built from scratch (from_linear keeps the given weights).
@@ -163,9 +195,6 @@ class FusedLoraLinear(nn.Module):
                               use_rslora, factory)
             layer.weight = linear.weight
             layer.weight.requires_grad_(False)
-            w = linear.weight
-            if w.device.type != "meta" and w.untyped_storage().nbytes() != w.numel() * w.element_size():
-                layer.weight_shared_with = (f"a larger tensor ({w.untyped_storage().nbytes()} bytes of storage)",)
             return layer
         if quantize != "nf4":
             raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
@@ -259,6 +288,10 @@ class FusedLoraLinear(nn.Module):
     def set_adapter_weights(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         """Copy new adapter matrices into ``lora_A`` / ``lora_B`` (cast to their dtype). A merged layer is unmerged
         first and merged again with the new adapter, so W never holds a delta the layer does not know."""
+        for name, new, have in (("lora_A", lora_A, self.lora_A), ("lora_B", lora_B, self.lora_B)):
+            if tuple(new.shape) != tuple(have.shape):
+                raise ValueError(f"set_adapter_weights: {name} has shape {list(new.shape)}, the layer expects "
+                                 f"{list(have.shape)}")
         was_merged = self.merged
         if was_merged:
             self.unmerge()
@@ -292,6 +325,8 @@ class FusedLoraLinearNF4(FusedLoraLinear):
     ``fused_lora.kernels.lora.NF4_FUSED_MAX_TOKENS``); the torch path dequantizes into a transient tensor.
     """
 
+    _BASE_KEY = "nf4_data"
+
     @classmethod
     def from_nf4(cls, nf4: NF4Weight, bias: Optional[torch.Tensor] = None, r: int = 8, lora_alpha: float = 16,
                  lora_dropout: float = 0.0, use_rslora: bool = False,
@@ -319,7 +354,7 @@ class FusedLoraLinearNF4(FusedLoraLinear):
             after = getattr(self, f"nf4_{name}")
             if after.dtype != before.dtype:
                 self._buffers[f"nf4_{name}"] = before.to(after.device)
-        if self._premerge is not None:  # kept codes follow the buffers' device
+        if getattr(self, "_premerge", None) is not None:  # kept codes follow the buffers' device
             device = self.nf4_data.device
             self._premerge = {k: None if t is None else t.to(device) for k, t in self._premerge.items()}
         return self
@@ -370,7 +405,7 @@ class FusedLoraLinearNF4(FusedLoraLinear):
         super().merge()
 
     def _apply_delta(self, sign: float) -> None:
-        if sign < 0 and self._premerge is not None:
+        if sign < 0 and getattr(self, "_premerge", None) is not None:
             for name, t in self._premerge.items():
                 setattr(self, f"nf4_{name}", t)
             self._premerge = None
@@ -388,9 +423,11 @@ class FusedLoraLinearNF4(FusedLoraLinear):
         for name in _NF4_BUFFERS:
             setattr(self, f"nf4_{name}", getattr(new, name))
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._premerge = None  # codes of the weight that was replaced
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        replaces_base = prefix + self._BASE_KEY in state_dict
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if replaces_base:
+            self._premerge = None  # codes of the weight that was replaced
 
     def _base_repr(self) -> str:
         meta = self._nf4_meta

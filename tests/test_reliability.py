@@ -118,14 +118,21 @@ def test_two_lora_layers_on_one_weight_and_views_of_a_larger_weight():
     for layer in (model.up, model.down):
         with pytest.raises(RuntimeError, match="tied weights"):
             layer.merge()
-    # a weight that is a slice of a fused [q; k; v] weight: its storage is shared with the rest
-    qkv = torch.randn(48, 16)
-    lin = nn.Linear(16, 16)
-    lin.weight = nn.Parameter(qkv[16:32])
-    layer = FusedLoraLinear.from_linear(lin, r=2)
-    with pytest.raises(RuntimeError, match="a larger tensor"):
-        layer.merge()
-    assert FusedLoraLinear.from_linear(nn.Linear(16, 16), r=2).weight_shared_with == ()
+    # slices of one fused [q; k; v] buffer: disjoint views do not count; a module holding the whole buffer does
+    qkv = nn.Parameter(torch.randn(48, 16), requires_grad=False)
+    model = nn.Module()
+    model.q, model.k = nn.Linear(16, 16), nn.Linear(16, 16)
+    model.q.weight, model.k.weight = nn.Parameter(qkv[:16]), nn.Parameter(qkv[16:32])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_lora(model, ["q", "k"], r=2)
+    assert model.q.weight_shared_with == () and model.k.weight_shared_with == ()
+    model.q.merge()
+    model.register_buffer("qkv", qkv)
+    with pytest.warns(UserWarning, match="k: the base weight is shared with qkv"):
+        fused_lora.model._record_shared_weights(model, ["k"])
+    with pytest.raises(RuntimeError, match="tied weights"):
+        model.k.merge()
 
 
 def test_merged_state_travels_with_the_state_dict():
@@ -235,3 +242,52 @@ def test_from_peft_records_tied_weights():
         converted = fused_lora.from_peft(model)
     with pytest.raises(RuntimeError, match="tied weights"):
         converted.lm_head.merge()
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_partial_and_old_state_dicts_keep_the_merged_state_consistent(quantize):
+    """Loading only A and B into a merged layer unmerges and merges again; loading only a base weight (no flag)
+    means an unmerged one; a state dict written before the flag existed loads strictly; after to_empty() (a meta
+    init) the garbage buffer neither decides forward nor reaches a checkpoint."""
+    torch.manual_seed(0)
+
+    def layer():
+        model = apply_lora(_Mlp(), ["up"], r=4, lora_alpha=8, quantize=quantize).eval()
+        _randomize_adapters(model, seed=7)
+        return model.up
+
+    src, dst = layer(), layer()
+    x = torch.randn(3, 24)
+    base_key = "nf4_data" if quantize else "weight"
+    original = dst.base_weight(torch.float32).clone()
+    dst.merge()
+    adapters = {k: v for k, v in src.state_dict().items() if k in ("lora_A", "lora_B")}
+    dst.load_state_dict(adapters, strict=False)
+    assert dst.merged and torch.equal(dst.lora_A, src.lora_A)
+    dst.unmerge()
+    if quantize:
+        assert torch.equal(dst.base_weight(torch.float32), original)
+    else:
+        assert (dst.weight - original).abs().max() <= 4 * 2**-24 * (original.abs().max() + 1)
+
+    dst.merge()
+    dst.load_state_dict({k: v for k, v in src.state_dict().items() if k.startswith(base_key) or k.startswith("nf4_")},
+                        strict=False)
+    assert not dst.merged
+    old_format = {k: v for k, v in src.state_dict().items() if k != "lora_merged"}
+    fresh = layer()
+    fresh.merge()
+    fresh.load_state_dict(old_format)  # strict, no "lora_merged" key
+    assert not fresh.merged
+    torch.testing.assert_close(fresh(x), src(x), rtol=0, atol=0)
+
+    if quantize is None:
+        meta = FusedLoraLinear(24, 40, r=4, device="meta").to_empty(device="cpu")
+        meta.lora_merged.fill_(True)  # what uninitialised memory may hold
+        assert not meta.merged and not meta.state_dict()["lora_merged"].item()
+
+
+def test_set_adapter_weights_checks_shapes():
+    layer = FusedLoraLinear(8, 6, r=2)
+    with pytest.raises(ValueError, match=r"lora_A has shape \[1, 8\], the layer expects \[2, 8\]"):
+        layer.set_adapter_weights(torch.randn(1, 8), torch.randn(6, 2))

@@ -268,10 +268,9 @@ def auto_path_label(shape: Shape, device: torch.device) -> str:
 
     winners: Dict[str, List[str]] = {}
     for choice in auto_choices():
-        name, _dev, bucket, k, n, r, dtype = choice.key[:7]
-        if (bucket, k, n, r, dtype) == (_autoselect._pow2(shape.tokens), shape.in_features, shape.out_features,
-                                        shape.r, str(shape.dtype)):
-            pass_name = name.replace("lora_", "")
+        if _autoselect.shape_matches(choice.key, shape.tokens, shape.in_features, shape.out_features, shape.r,
+                                     shape.dtype):
+            pass_name = choice.key.pass_name.replace("lora_", "")
             if choice.winner not in winners.setdefault(pass_name, []):
                 winners[pass_name].append(choice.winner)
     return " ".join(f"{p}={'/'.join(w)}" for p, w in winners.items())

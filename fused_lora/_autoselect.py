@@ -9,14 +9,18 @@ why. ``set_backend("triton")`` / ``"torch"`` bypass the choice.
 
 A problem is keyed by the pass, the device, the token count rounded up to a power of two (as the kernels' autotuning
 key), the other dimensions, the dtype (and whether fp32 matmuls may use tf32), the variant (bias, dropout, NF4 base,
-which gradients) and whether x is contiguous.
+which gradients), whether x is contiguous and whether deterministic algorithms are requested (:class:`ProblemKey`).
+The choice rests on timings, so two processes may choose differently and differ in the last bits; for bit-for-bit
+reproducible runs choose a backend (``set_backend("triton")`` or ``"torch"``). A candidate that runs out of memory
+while being timed loses.
 """
 
 from __future__ import annotations
 
+import statistics
 import threading
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Tuple
 
 import torch
 
@@ -35,12 +39,22 @@ class AutoChoice:
     times_ms: Dict[str, float]
 
 
-def _cuda_time_ms(key: Tuple, candidate: str, fn: Callable[[], object]) -> float:
-    """Median milliseconds of ``fn`` (``candidate`` for problem ``key``) on the current CUDA stream; warm-up runs
-    first (Triton compiles and autotunes in the first one)."""
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=10, rep=30, return_mode="median"))
+def _cuda_time_ms(key: "ProblemKey", candidate: str, fn: Callable[[], object]) -> float:
+    """Median milliseconds of ``fn`` (``candidate`` for problem ``key``) over a few runs, with CUDA events on the
+    problem's device. The first run is not timed: Triton compiles and autotunes in it. Deliberately light (no L2
+    flush buffer, few runs): it happens inside a training step, wherever a new problem first appears."""
+    device = torch.device(key.device)
+    with torch.cuda.device(device):
+        fn()
+        times = []
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 class AutoSelector:
@@ -59,7 +73,15 @@ class AutoSelector:
             return known.winner
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return "triton"  # no timing inside a CUDA graph capture: the kernels, as before "auto" chose
-        times = {name: float(self.timer(key, name, fn)) for name, fn in candidates.items()}
+        times, errors = {}, {}
+        for name, fn in candidates.items():
+            try:
+                times[name] = float(self.timer(key, name, fn))
+            except torch.cuda.OutOfMemoryError as exc:  # the other candidate may fit: it wins
+                errors[name] = exc
+                torch.cuda.empty_cache()
+        if not times:
+            raise next(iter(errors.values()))
         winner = min(times, key=lambda name: (times[name], CANDIDATES.index(name)))  # ties: the kernels
         with self._lock:
             self._choices.setdefault(key, AutoChoice(key, winner, times))
@@ -81,7 +103,25 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def problem_key(name: str, args: tuple) -> Tuple:
+class ProblemKey(NamedTuple):
+    """What one choice of the ``"auto"`` backend is for."""
+
+    pass_name: str  # "lora_forward" or "lora_backward"
+    device: str
+    tokens_bucket: int  # M rounded up to a power of two
+    in_features: int
+    out_features: int
+    r: int
+    dtype: str
+    tf32: bool
+    nf4: bool
+    dropout: bool
+    x_contiguous: bool
+    deterministic: bool  # torch.use_deterministic_algorithms: the kernels' backward reduces differently
+    variant: Tuple  # forward: (has bias,); backward: which gradients
+
+
+def problem_key(name: str, args: tuple) -> ProblemKey:
     """The key of a ``lora_forward`` / ``lora_backward`` call (``name``) with the launch wrappers' arguments."""
     if name == "lora_forward":
         x, weight, lora_A, lora_B, bias, _scaling, dropout = args
@@ -89,10 +129,17 @@ def problem_key(name: str, args: tuple) -> Tuple:
     else:
         _g, x, weight, lora_A, lora_B, _xa, _scaling, dropout, needs = args
         variant = tuple(needs)
-    nf4 = isinstance(weight, NF4Weight)
     tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    return (name, str(x.device), _pow2(x.shape[0]), x.shape[1], weight.shape[0], lora_A.shape[0], str(x.dtype), tf32,
-            nf4, dropout is not None, x.is_contiguous(), variant)
+    return ProblemKey(name, str(x.device), _pow2(x.shape[0]), x.shape[1], weight.shape[0], lora_A.shape[0],
+                      str(x.dtype), tf32, isinstance(weight, NF4Weight), dropout is not None, x.is_contiguous(),
+                      torch.are_deterministic_algorithms_enabled(), variant)
+
+
+def shape_matches(key: ProblemKey, tokens: int, in_features: int, out_features: int, r: int,
+                  dtype: torch.dtype) -> bool:
+    """Whether ``key`` is a problem of that shape (any pass and variant)."""
+    return (key.tokens_bucket, key.in_features, key.out_features, key.r, key.dtype) == (
+        _pow2(tokens), in_features, out_features, r, str(dtype))
 
 
 def auto_choices() -> List[AutoChoice]:

@@ -40,15 +40,20 @@ def _select_backend(x: torch.Tensor, out_features: int) -> str:
 
 
 def _run(backend: str, name: str, *args):
-    """``lora_forward`` or ``lora_backward`` (``name``) of the implementation ``backend`` names."""
-    if backend in ("triton", "fastest"):
-        from . import kernels
+    """``lora_forward`` or ``lora_backward`` (``name``) of the implementation ``backend`` names: ``"triton"``,
+    ``"fastest"`` or ``"torch"`` (optionally ``"torch:<CPU half-precision policy>"``)."""
+    kind, _, policy = backend.partition(":")
+    if kind == "torch":
+        with torch_ops.use_cpu_half_compute(policy or torch_ops.get_cpu_half_compute()):
+            return getattr(torch_ops, name)(*args)
+    if kind not in ("triton", "fastest") or policy:
+        raise ValueError(f"backend={backend!r}: expected 'triton', 'fastest' or 'torch[:<policy>]' (the resolved "
+                         "backend of FusedLoraFunction; set_backend() takes 'auto', 'triton' or 'torch')")
+    from . import kernels
 
-        if backend == "fastest":
-            return _autoselect.run_fastest(name, args, {"triton": kernels, "torch": torch_ops})
-        return getattr(kernels, name)(*args)
-    with torch_ops.use_cpu_half_compute(backend.partition(":")[2]):
-        return getattr(torch_ops, name)(*args)
+    if kind == "fastest":
+        return _autoselect.run_fastest(name, args, {"triton": kernels, "torch": torch_ops})
+    return getattr(kernels, name)(*args)
 
 
 def _dropout(dropout_p: float, seed: Optional[torch.Tensor]) -> Optional[Dropout]:

@@ -458,22 +458,29 @@ def execute_plan(model: nn.Module, plan: LoraPlan) -> nn.Module:
     return model
 
 
+def _byte_range(t: torch.Tensor) -> Tuple[int, int]:
+    """``[first, last + 1)`` byte addresses spanned by ``t``'s elements."""
+    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
 def _record_shared_weights(model: nn.Module, names: Sequence[str]) -> None:
-    """Find the dense LoRA layers among ``names`` whose base weight shares storage with another tensor of the model
-    (tied embeddings, or two layers on one weight): record the other holders on the layer (its merge() refuses,
-    since merging in place would change them) and warn, as PEFT does."""
-    holders: Dict[Tuple[torch.device, int], List[str]] = {}
-    for key, t in itertools.chain(model.named_parameters(remove_duplicate=False),
-                                  model.named_buffers(remove_duplicate=False)):
-        if t.device.type != "meta" and t.numel() > 0:
-            holders.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(key)
+    """Find the dense LoRA layers among ``names`` whose base weight overlaps another tensor of the model in memory
+    (tied embeddings, two layers on one weight, a fused weight and a view of it): record the other holders on the
+    layer (its merge() refuses, since merging in place would change them) and warn, as PEFT does. Disjoint views of
+    one buffer (q, k, v slices of a fused weight) do not count."""
+    tensors = [(key, t) for key, t in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                                        model.named_buffers(remove_duplicate=False))
+               if t.device.type != "meta" and t.numel() > 0]
     for name in names:
         layer = model.get_submodule(name)
         weight = getattr(layer, "weight", None)
         if not isinstance(layer, FusedLoraLinear) or weight is None or weight.device.type == "meta":
             continue
-        others = [k for k in holders.get((weight.device, weight.untyped_storage().data_ptr()), [])
-                  if k != f"{name}.weight"]
+        lo, hi = _byte_range(weight)
+        others = [key for key, t in tensors if key != f"{name}.weight" and t.device == weight.device
+                  and t.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+                  and _byte_range(t)[0] < hi and lo < _byte_range(t)[1]]
         if others:
             layer.weight_shared_with = tuple(dict.fromkeys(layer.weight_shared_with + tuple(others)))
             warnings.warn(f"{name}: the base weight is shared with {', '.join(others)} (tied weights); training is "

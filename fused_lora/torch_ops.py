@@ -148,8 +148,9 @@ def _masked_down_projection(xc: torch.Tensor, ac: torch.Tensor, dropout: Dropout
     for r0 in range(0, m, rows):
         r1 = min(r0 + rows, m)
         xd = dropout.keep_mask(r1 - r0, k, xc.device, row_start=r0, out=keep_buf[: r1 - r0]).mul_(xc[r0:r1])
-        torch.mm(xd, ac.t(), out=xa[r0:r1])
-    return xa.mul_(dropout.scale)
+        # the 1 / (1 - p) scale applied to the GEMM's accumulator (alpha): one rounding, as in the kernels
+        xa[r0:r1].addmm_(xd, ac.t(), beta=0, alpha=dropout.scale)
+    return xa
 
 
 def _masked_lora_grads(dx, gb, a, xc, dropout: Dropout, dx_scale: float, need_da: bool):

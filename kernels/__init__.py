@@ -17,9 +17,14 @@ if __name__ == "kernels":
     import importlib.machinery
     import importlib.util
 
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    # Real paths: the repository may be on sys.path under several spellings (symlinks), each of which must be
+    # skipped, or two copies of this folder would hand over to each other forever.
+    _here = os.path.realpath(__file__)
+    _root = os.path.dirname(os.path.dirname(_here))
+    _elsewhere = [p for p in sys.path if os.path.realpath(p or os.curdir) != _root]
     _spec = importlib.machinery.PathFinder.find_spec(__name__, _elsewhere)
+    if _spec is not None and _spec.origin and os.path.realpath(_spec.origin) == _here:
+        _spec = None
     if _spec is None:
         _spec = importlib.machinery.ModuleSpec(__name__, None, is_package=True)
         _spec.submodule_search_locations = []

@@ -42,6 +42,7 @@ def dequantize(packed: torch.Tensor, quant_state, dtype: Optional[torch.dtype] =
 
 
 def _dequantize_4bit_by_format(A, absmax, blocksize, quant_type, shape, dtype):
+    A = A if A.dtype == torch.uint8 else A.view(torch.uint8)  # packed codes stored in another dtype
     return _dequantize_4bit_compute(A.reshape(-1), absmax, _get_4bit_code(quant_type, A.device), blocksize, shape,
                                     dtype)
 

@@ -63,8 +63,8 @@ def test_each_pass_runs_its_winner_with_the_same_numbers(monkeypatch, fwd_winner
 
     def timer(key, candidate, fn):
         fn()  # the candidate must work
-        timed.append((key[0], candidate))
-        return 1.0 if candidate == winners[key[0]] else 3.0
+        timed.append((key.pass_name, candidate))
+        return 1.0 if candidate == winners[key.pass_name] else 3.0
 
     monkeypatch.setattr(_autoselect, "SELECTOR", _autoselect.AutoSelector(timer))
     monkeypatch.setattr(functional, "resolve_backend", lambda device: "fastest")
@@ -92,7 +92,7 @@ def test_each_pass_runs_its_winner_with_the_same_numbers(monkeypatch, fwd_winner
     assert set(out) == set(ref)
     for name in out:
         assert_close_fp32(out[name], ref[name], name)
-    assert {c.key[0]: c.winner for c in fused_lora.auto_choices()} == winners
+    assert {c.key.pass_name: c.winner for c in fused_lora.auto_choices()} == winners
 
 
 def test_auto_on_cpu_and_forced_backends_do_not_time(monkeypatch):
@@ -123,14 +123,15 @@ def test_benchmark_column_says_which_path_auto_ran(monkeypatch, tmp_path):
     from benchmarks import report, suite
 
     sel = _autoselect.AutoSelector(lambda key, candidate, fn: {"triton": 1.0, "torch": 2.0}[candidate]
-                                   if key[0] == "lora_forward" else {"triton": 2.0, "torch": 1.0}[candidate])
+                                   if key.pass_name == "lora_forward" else {"triton": 2.0, "torch": 1.0}[candidate])
     monkeypatch.setattr(_autoselect, "SELECTOR", sel)
     shape = suite.Shape(8192, 4096, 4096, 16, 0.1, torch.bfloat16)
     cuda = torch.device("cuda")
     assert suite.auto_path_label(shape, cuda) == ""
     for name, m in (("lora_forward", 8192), ("lora_backward", 5000), ("lora_forward", 100)):  # 5000 -> 8192 bucket
-        sel.choose((name, "cuda:0", _autoselect._pow2(m), 4096, 4096, 16, "torch.bfloat16", False, False, True,
-                    True, ()), {"triton": None, "torch": None})
+        key = _autoselect.ProblemKey(name, "cuda:0", _autoselect._pow2(m), 4096, 4096, 16, "torch.bfloat16", False,
+                                     False, True, True, False, ())
+        sel.choose(key, {"triton": None, "torch": None})
     assert suite.auto_path_label(shape, cuda) == "forward=triton backward=torch"
     assert suite.auto_path_label(shape, torch.device("cpu")) == "torch"
 
@@ -144,3 +145,29 @@ def test_benchmark_column_says_which_path_auto_ran(monkeypatch, tmp_path):
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["auto_path"] for r in rows] == ["", "new"] and rows[0]["provider"] == "old"
+
+
+def test_a_candidate_out_of_memory_while_timed_loses():
+    def timer(key, candidate, fn):
+        if candidate == "triton":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return 5.0
+
+    sel = _autoselect.AutoSelector(timer)
+    assert sel.choose(("k",), {"triton": None, "torch": None}) == "torch"
+    both = _autoselect.AutoSelector(lambda key, candidate, fn: (_ for _ in ()).throw(
+        torch.cuda.OutOfMemoryError("injected")))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        both.choose(("k",), {"triton": None, "torch": None})
+
+
+def test_function_accepts_plain_backend_names_and_refuses_others():
+    """FusedLoraFunction.apply takes a resolved backend: "torch" alone uses the policy in force."""
+    inp = make_inputs(4, 6, 5, 2, torch.float32, "cpu")
+    meta = [0]
+    y = functional.FusedLoraFunction.apply(inp["x"], inp["lora_A"], inp["lora_B"], None, 1.0, 0.0, None, "torch",
+                                           meta, inp["weight"])
+    assert_close_fp32(y, lora_reference(inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], None, 1.0, None, 0.0))
+    with pytest.raises(ValueError, match="backend='auto': expected 'triton', 'fastest' or 'torch"):
+        functional.FusedLoraFunction.apply(inp["x"], inp["lora_A"], inp["lora_B"], None, 1.0, 0.0, None, "auto",
+                                           meta, inp["weight"])

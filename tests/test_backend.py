@@ -150,6 +150,9 @@ def test_kernels_folder_never_shadows_hugging_face_kernels(tmp_path):
     for cwd in (tmp_path, repo):
         found = _which_kernels(cwd, PYTHONPATH=str(tmp_path / "site"))
         assert found == f"found {hf / '__init__.py'}", (cwd, found)
+    # the repository under two spellings (a symlink on PYTHONPATH, the real path as the working directory)
+    (tmp_path / "link").symlink_to(repo)
+    assert _which_kernels(repo, PYTHONPATH=str(tmp_path / "link")) == "empty namespace"
     # the repository root ahead of the installed package on sys.path, as `python -m pytest` run there puts it
     found = _which_kernels(tmp_path, PYTHONPATH=os.pathsep.join([repo, str(tmp_path / "site")]))
     assert found == f"found {hf / '__init__.py'}", found

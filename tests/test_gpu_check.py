@@ -5,6 +5,7 @@ pytest plugin, the kernel phase in the Triton interpreter, and the QLoRA baselin
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import os
 import re
@@ -210,7 +211,11 @@ def test_writes_one_folder_with_the_documented_files(tmp_path):
     rc, log, console = _run(tmp_path, runners, clock)
     assert rc == 1  # a test failed
     names = set(os.listdir(tmp_path)) - {"other-run.csv"}
-    assert names == set(gpu_check.FILES.values()) and len(names) <= 8
+    expected = set(gpu_check.FILES.values())
+    if importlib.util.find_spec("matplotlib") is None:  # e.g. the oldest-Triton environment: no plot, noted
+        expected.discard(gpu_check.FILES["plot"])
+        assert "no plot: matplotlib does not import" in log
+    assert names == expected and len(names) <= 8
     assert (tmp_path / "other-run.csv").read_text() == "kept"
     cmd, env, stop_new, kill_after = calls["pytest"]
     assert cmd[1:3] == ["-m", "pytest"] and "-m" in cmd and cmd[cmd.index("-m", 3) + 1] == "gpu_check"
@@ -236,7 +241,8 @@ def test_writes_one_folder_with_the_documented_files(tmp_path):
     assert "[NOT MET] fused-nf4 at 16 tokens" in summary and "[met] fused-nf4 at 8192 tokens" in summary
     assert "headline parity, Triton vs torch path at the autotuned configurations: ok" in summary
     assert "  | 3 tests: 1 passed" in log and "  | 3 tests" not in console
-    assert console.rstrip().endswith("files: " + ", ".join(gpu_check.FILES.values()))
+    written = [name for name in gpu_check.FILES.values() if name in expected]
+    assert console.rstrip().endswith("files: " + ", ".join(written))
 
 
 def test_time_budgets_skip_what_does_not_fit(tmp_path):

@@ -790,7 +790,7 @@ def _phase_groups(run: RunState, allowance: float, groups: List[Group], name: st
     try:
         import fused_lora
 
-        choices = fused_lora.auto_choices() if hasattr(fused_lora, "auto_choices") else []
+        choices = fused_lora.auto_choices()
     except Exception:
         choices = []
     for choice in choices:

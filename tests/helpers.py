@@ -36,6 +36,18 @@ def make_inputs(M, K, N, r, dtype, device, bias=True, lead=None, seed=0):
     )
 
 
+def fused_fn(backend, scaling, p, seed):
+    """``fn(x, weight, lora_A, lora_B, bias)``: ``fused_lora_linear`` on ``backend`` with this scaling, dropout
+    probability and seed."""
+    from fused_lora import fused_lora_linear, use_backend
+
+    def fn(x, weight, lora_A, lora_B, bias):
+        with use_backend(backend):
+            return fused_lora_linear(x, weight, lora_A, lora_B, scaling, bias=bias, dropout_p=p, seed=seed)
+
+    return fn
+
+
 def lora_reference(x, weight, lora_A, lora_B, bias, scaling, keep: Optional[torch.Tensor], p: float, dtype=None):
     """The textbook LoRA linear, ``x W^T + s ((x * keep / (1 - p)) A^T) B^T + b``, in ``dtype`` (default float64),
     written independently of fused_lora (only the mask comes from outside)."""

@@ -15,6 +15,7 @@ from helpers import (
     assert_close_fp32,
     assert_rounding_flips_only,
     assert_three_way,
+    fused_fn,
     lora_reference,
     make_inputs,
     outputs_and_grads,
@@ -32,13 +33,6 @@ WEIRD_SHAPES = [
     (20, 48, 80, 80),
 ]
 
-
-def _fused(backend, scaling, p, seed):
-    def fn(x, weight, lora_A, lora_B, bias):
-        with use_backend(backend):
-            return fused_lora_linear(x, weight, lora_A, lora_B, scaling, bias=bias, dropout_p=p, seed=seed)
-
-    return fn
 
 
 def _reference_fn(scaling, p, seed, dtype=None):
@@ -60,7 +54,7 @@ def _reference_fn(scaling, p, seed, dtype=None):
 def test_fp32_matches_float64_reference(device, backend, M, K, N, r, p, bias):
     inp = make_inputs(M, K, N, r, torch.float32, device, bias=bias)
     grad = inp.pop("grad")
-    out = outputs_and_grads(_fused(backend, 1.7, p, seed=11), inp, grad)
+    out = outputs_and_grads(fused_fn(backend, 1.7, p, seed=11), inp, grad)
     ref = outputs_and_grads(_reference_fn(1.7, p, seed=11), {k: v.double() if v is not None else None for k, v in inp.items()}, grad.double())
     assert set(out) == set(ref) == {"y", *[n for n in GRAD_NAMES if inp.get(n) is not None]}
     for name in out:
@@ -78,7 +72,7 @@ def test_half_precision_three_way(device, backend, dtype, M, K, N, r, p):
     (bf16 kernels in the interpreter: with its exact-bf16 extension, tests/triton_bf16.py.)"""
     inp = make_inputs(M, K, N, r, dtype, device)
     grad = inp.pop("grad")
-    out = outputs_and_grads(_fused(backend, 2.0, p, seed=5), inp, grad)
+    out = outputs_and_grads(fused_fn(backend, 2.0, p, seed=5), inp, grad)
     baseline = outputs_and_grads(_reference_fn(2.0, p, seed=5, dtype=dtype), inp, grad)
     ref = outputs_and_grads(_reference_fn(2.0, p, seed=5), {k: v.double() for k, v in inp.items()}, grad.double())
     for name in out:
@@ -125,7 +119,7 @@ def test_bf16_kernels_every_variant(monkeypatch, device, backend, weight_kind, r
         return outputs_and_grads(lambda **t: fn(weight=w if dtype is None else w.to(dtype), **t), leaves,
                                  grad if dtype is None else grad.to(dtype))
 
-    out = run(_fused(backend, 1.7, p, seed=3))
+    out = run(fused_fn(backend, 1.7, p, seed=3))
     baseline = run(_reference_fn(1.7, p, seed=3, dtype=dtype), w=dense)
     ref = run(_reference_fn(1.7, p, seed=3), dtype=torch.float64, w=dense)
     assert set(out) == set(ref) == {"y", "x", "lora_A", "lora_B", *(["bias"] if bias else [])}
@@ -134,7 +128,7 @@ def test_bf16_kernels_every_variant(monkeypatch, device, backend, weight_kind, r
         assert_three_way(out[name], baseline[name], ref[name], name)
     if device == "cpu":  # (the CUDA torch path computes in bf16, rounding y twice: no fp32 policy there)
         with use_cpu_half_compute("fp32"):
-            torch_path = run(_fused("torch", 1.7, p, seed=3))
+            torch_path = run(fused_fn("torch", 1.7, p, seed=3))
         for name in out:
             assert_rounding_flips_only(out[name], torch_path[name], name)
 
@@ -146,7 +140,7 @@ def test_3d_input_and_frozen_weight_gradient(device, backend):
     inp = make_inputs(None, 40, 24, 8, torch.float32, device, lead=(3, 5))
     grad = inp.pop("grad")
     names = ("x", "weight", "lora_A", "lora_B", "bias")
-    out = outputs_and_grads(_fused(backend, 0.5, 0.2, seed=3), inp, grad, requires=names)
+    out = outputs_and_grads(fused_fn(backend, 0.5, 0.2, seed=3), inp, grad, requires=names)
     ref = outputs_and_grads(_reference_fn(0.5, 0.2, seed=3), {k: v.double() for k, v in inp.items()}, grad.double(),
                             requires=names)
     assert out["y"].shape == (3, 5, 24) and out["x"].shape == (3, 5, 40)
@@ -180,7 +174,7 @@ def test_non_contiguous_inputs(device, backend, layout):
     grad = inp.pop("grad")
     x_leaf, x_view, w_leaf, w_view = _strided_views(layout, inp["x"], inp["weight"])
     results = []
-    for fn, dtype in ((_fused(backend, 1.0, 0.3, seed=9), torch.float32),
+    for fn, dtype in ((fused_fn(backend, 1.0, 0.3, seed=9), torch.float32),
                       (_reference_fn(1.0, 0.3, seed=9), torch.float64)):
         xl = x_leaf.to(dtype).detach().requires_grad_(True)
         wl = w_leaf.to(dtype).detach().requires_grad_(True)
@@ -201,7 +195,7 @@ def test_non_contiguous_grad_output(device, backend):
     inp = make_inputs(7, 20, 12, 4, torch.float32, device)
     inp.pop("grad")
     leaves = {k: v.clone().requires_grad_(k != "weight") for k, v in inp.items()}
-    _fused(backend, 2.0, 0.0, seed=0)(**leaves).sum().backward()
+    fused_fn(backend, 2.0, 0.0, seed=0)(**leaves).sum().backward()
     ref_leaves = {k: v.double().clone().requires_grad_(k != "weight") for k, v in inp.items()}
     _reference_fn(2.0, 0.0, 0)(**ref_leaves).sum().backward()
     for k in ("x", "lora_A", "lora_B", "bias"):
@@ -214,12 +208,12 @@ def test_backends_agree_with_dropout(device, backend):
     """Same seed -> same mask on both backends: outputs and gradients agree to fp32 rounding."""
     inp = make_inputs(37, 100, 60, 8, torch.float32, device)
     grad = inp.pop("grad")
-    out = outputs_and_grads(_fused(backend, 2.0, 0.4, seed=1234), inp, grad)
-    ref = outputs_and_grads(_fused("torch", 2.0, 0.4, seed=1234), inp, grad)
+    out = outputs_and_grads(fused_fn(backend, 2.0, 0.4, seed=1234), inp, grad)
+    ref = outputs_and_grads(fused_fn("torch", 2.0, 0.4, seed=1234), inp, grad)
     for name in out:
         assert_close_fp32(out[name], ref[name], name)
     # a different seed really changes the result (the mask matters)
-    other = outputs_and_grads(_fused(backend, 2.0, 0.4, seed=1235), inp, grad)
+    other = outputs_and_grads(fused_fn(backend, 2.0, 0.4, seed=1235), inp, grad)
     assert (other["lora_A"] - out["lora_A"]).abs().max() > 1e-3
 
 
@@ -257,7 +251,7 @@ def test_saved_tensors(device, backend, p):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = _fused(backend, 1.0, p, seed=1)(x, inp["weight"], inp["lora_A"].requires_grad_(True),
+        y = fused_fn(backend, 1.0, p, seed=1)(x, inp["weight"], inp["lora_A"].requires_grad_(True),
                                              inp["lora_B"].requires_grad_(True), inp["bias"])
     big = [t for t in saved if t.numel() >= M * K]
     assert len(big) == 2, [tuple(t.shape) for t in saved]  # x and W (W is 56 x 40 here)
@@ -313,7 +307,7 @@ def test_torch_path_mask_blocks(monkeypatch, dtype, policy, need_dx):
         inp = make_inputs(37, 100, 72, 8, dtype, "cpu")
         grad = inp.pop("grad")
         names = ("x", "weight", "lora_A", "lora_B", "bias") if need_dx else ("weight", "lora_A", "lora_B", "bias")
-        out = outputs_and_grads(_fused("torch", 1.3, 0.25, seed=21), inp, grad, requires=names)
+        out = outputs_and_grads(fused_fn("torch", 1.3, 0.25, seed=21), inp, grad, requires=names)
     ref = outputs_and_grads(_reference_fn(1.3, 0.25, seed=21), {k: v.double() for k, v in inp.items()},
                             grad.double(), requires=names)
     baseline = None
@@ -350,7 +344,7 @@ def test_torch_path_cpu_half_compute_policies(monkeypatch, dtype, policy):
     grad = inp.pop("grad")
     with use_cpu_half_compute(policy):
         leaves = {k: v.clone().requires_grad_(k != "weight") for k, v in inp.items()}
-        y = _fused("torch", 2.0, 0.1, seed=8)(**leaves)
+        y = fused_fn("torch", 2.0, 0.1, seed=8)(**leaves)
     with use_cpu_half_compute(other), monkeypatch.context() as patch:
         patch.setattr(torch, "mm", spy_mm)  # the torch path's masked products and dx GEMM go through torch.mm
         y.backward(grad)
@@ -402,7 +396,7 @@ def test_every_shipped_config_in_interpreter():
             weight = quantize_nf4(inp.pop("weight")) if nf4 else inp.pop("weight")
 
             def run(backend):
-                fn = _fused(backend, 1.5, 0.2, seed=4)
+                fn = fused_fn(backend, 1.5, 0.2, seed=4)
                 return outputs_and_grads(lambda **t: fn(weight=weight, **t), inp, grad)
 
             ref = run("torch")
@@ -431,11 +425,11 @@ def test_deterministic_mode_matches_atomic_mode(device):
     kernels: in the interpreter on CPU, compiled on CUDA)."""
     inp = make_inputs(70, 64, 90, 16, torch.float32, device)
     grad = inp.pop("grad")
-    atomic = outputs_and_grads(_fused("triton", 1.0, 0.1, seed=2), inp, grad)
+    atomic = outputs_and_grads(fused_fn("triton", 1.0, 0.1, seed=2), inp, grad)
     torch.use_deterministic_algorithms(True)
     try:
-        det1 = outputs_and_grads(_fused("triton", 1.0, 0.1, seed=2), inp, grad)
-        det2 = outputs_and_grads(_fused("triton", 1.0, 0.1, seed=2), inp, grad)
+        det1 = outputs_and_grads(fused_fn("triton", 1.0, 0.1, seed=2), inp, grad)
+        det2 = outputs_and_grads(fused_fn("triton", 1.0, 0.1, seed=2), inp, grad)
     finally:
         torch.use_deterministic_algorithms(False)
     for name in atomic:

@@ -14,24 +14,25 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fused_lora import fused_lora_linear, use_backend
+from fused_lora import use_backend
 from fused_lora.dropout import Dropout
 from fused_lora.nf4 import NF4_CODE_VALUES, NF4Weight, dynamic_map, quantize_nf4
 
 from conftest import DEVICE_BACKENDS
-from helpers import FP32_RTOL, assert_close_fp32, assert_three_way, lora_reference, make_inputs, outputs_and_grads
+from helpers import (
+    FP32_RTOL,
+    assert_close_fp32,
+    assert_three_way,
+    fused_fn,
+    lora_reference,
+    make_inputs,
+    outputs_and_grads,
+)
 
 CUDA_TRITON = [db for db in DEVICE_BACKENDS if db == ("cuda", "triton")]
 CUDA_BACKENDS = [db for db in DEVICE_BACKENDS if db[0] == "cuda"]
 CUDA = sorted({device for device, _ in CUDA_BACKENDS})
 
-
-def _fused(backend, scaling, p, seed):
-    def fn(x, weight, lora_A, lora_B, bias):
-        with use_backend(backend):
-            return fused_lora_linear(x, weight, lora_A, lora_B, scaling, bias=bias, dropout_p=p, seed=seed)
-
-    return fn
 
 
 def _reference(scaling, p, seed, dtype=None):
@@ -78,7 +79,7 @@ def test_fp32_kernels_follow_allow_tf32(monkeypatch, device, backend, precision,
     families = _launch_families(monkeypatch)
     inp = make_inputs(M, K, N, r, torch.float32, device)
     grad = inp.pop("grad")
-    out = outputs_and_grads(_fused(backend, 1.7, p, seed=11), inp, grad)
+    out = outputs_and_grads(fused_fn(backend, 1.7, p, seed=11), inp, grad)
     assert families and {family for _, family in families} == {precision}, families
     ref = outputs_and_grads(_reference(1.7, p, seed=11), {k: v.double() for k, v in inp.items()}, grad.double())
     baseline = outputs_and_grads(_reference(1.7, p, seed=11, dtype=torch.float32), inp, grad)
@@ -220,7 +221,7 @@ def test_nf4_linear_without_bitsandbytes(monkeypatch, device, backend, kind, pat
         g = grad if leaves_dtype is None else grad.to(leaves_dtype)
         return outputs_and_grads(lambda **t: fn(weight=w, **t), leaves, g)
 
-    out = run(_fused(backend, 1.3, p, seed=9))
+    out = run(fused_fn(backend, 1.3, p, seed=9))
     gemms = {family for name, family in families if name in ("_lora_linear_fwd_kernel", "_lora_dgrad_kernel")}
     precision = {"fp32-ieee": "ieee", "fp32-tf32": "tf32", "fp16": "half"}[kind]
     assert gemms == ({f"{precision}-nf4"} if path == "nf4-fused" else {precision}), families

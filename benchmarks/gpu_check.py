@@ -762,6 +762,20 @@ def _phase_tests(run: RunState, allowance: float) -> None:
         run.note(f"{budget} tests skipped: the test phase's time budget was spent (see tests.csv)")
 
 
+def _within_budget(run: RunState, deadline: float, phase: str, items, label, work) -> None:
+    """``work(item)`` for each item while at least MIN_UNIT_S remain before ``deadline``: what does not fit is
+    noted as skipped; an item that fails is recorded as an error (traceback in the log) and the next one runs."""
+    for i, item in enumerate(items):
+        if deadline - run.clock() < MIN_UNIT_S:
+            run.note(f"{phase}: time budget spent; skipped: " + "; ".join(label(x) for x in items[i:]))
+            return
+        try:
+            work(item)
+        except Exception as exc:
+            run.errors.append(f"{phase} {label(item)}: {type(exc).__name__}: {exc}")
+            run.log(traceback.format_exc(), echo=False)
+
+
 def _phase_groups(run: RunState, allowance: float, groups: List[Group], name: str) -> None:
     deadline = run.clock() + allowance
     dropped = sorted({p for g in groups for p in g.providers} & run.unavailable)
@@ -769,22 +783,17 @@ def _phase_groups(run: RunState, allowance: float, groups: List[Group], name: st
         package = next(pkg for pkg, providers in NEEDS.items() if provider in providers)
         run.note(f"{name}: provider {provider} skipped: {package} does not import ({run.packages[package].detail})")
     done = []
-    for i, group in enumerate(groups):
-        if deadline - run.clock() < MIN_UNIT_S:
-            run.note(f"{name}: time budget spent; skipped: " + "; ".join(g.label for g in groups[i:]))
-            break
+
+    def measure(group: Group) -> None:
         group = dataclasses.replace(group, providers=tuple(p for p in group.providers if p not in run.unavailable))
         start = run.clock()
-        try:
-            measurements = run.runners.measure_group(group)
-        except Exception as exc:
-            run.errors.append(f"{name} {group.label}: {type(exc).__name__}: {exc}")
-            run.log(traceback.format_exc(), echo=False)
-            continue
+        measurements = run.runners.measure_group(group)
         run.log(f"  {group.label}: {len(measurements)} measurements in {run.clock() - start:.1f} s")
         report.append_csv(run.path("bench"), report.csv_rows(measurements, torch.device("cuda"), run.label))
         run.measurements += measurements
-        done += measurements
+        done.extend(measurements)
+
+    _within_budget(run, deadline, name, groups, lambda g: g.label, measure)
     if done:
         run.log(report.table(done))
     try:
@@ -803,25 +812,19 @@ def _phase_kernels(run: RunState, allowance: float) -> None:
         return
     deadline = run.clock() + allowance
     rows = []
-    for i, shape in enumerate(run.plan.kernels):
-        if deadline - run.clock() < MIN_UNIT_S:
-            run.note("kernels: time budget spent; skipped: "
-                     + "; ".join(f"{s.label} {s.dtype_name}" for s in run.plan.kernels[i:]))
-            break
+
+    def time_kernels(shape) -> None:
         start = run.clock()
-        try:
-            result = run.runners.kernel_report(shape)
-        except Exception as exc:
-            run.errors.append(f"kernels {shape.label}: {type(exc).__name__}: {exc}")
-            run.log(traceback.format_exc(), echo=False)
-            continue
+        result = run.runners.kernel_report(shape)
         run.log(f"  {shape.label} {shape.dtype_name}: {len(result.rows)} timings in {run.clock() - start:.1f} s")
         for note in result.notes:
             run.log("  " + note)
         run.parity_ok = result.parity_ok if run.parity_ok is None else (run.parity_ok and result.parity_ok)
         run.kernel_notes += result.notes
-        rows += result.rows
+        rows.extend(result.rows)
         _write_kernel_rows(run, result.rows)
+
+    _within_budget(run, deadline, "kernels", run.plan.kernels, lambda s: f"{s.label} {s.dtype_name}", time_kernels)
     run.kernel_rows += rows
     if rows:
         run.log(kernel_table(rows))

@@ -84,8 +84,8 @@ def _refuse_transforms(tensors) -> None:
         return
     if torch._C._are_functorch_transforms_active():
         raise NotImplementedError(
-            "fused-lora: torch.func transforms (vmap, grad, jvp, jacrev, jacfwd, hessian, ...) over fused_lora_linear / "
-            "FusedLoraLinear are not supported (its autograd Function has no vmap or jvp rule); call it outside the "
+            "fused-lora: torch.func transforms (vmap, grad, jvp, jacrev, jacfwd, hessian, ...) over "
+            "fused_lora_linear / FusedLoraLinear are not supported (its autograd Function has no vmap or jvp rule); call it outside the "
             "transform (e.g. batch the inputs instead of vmap, use torch.autograd.grad instead of torch.func.grad)"
         )
     if _forward_ad._current_level >= 0 and any(

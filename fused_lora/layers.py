@@ -12,12 +12,18 @@ from torch import nn
 
 from .functional import fused_lora_linear
 from .nf4 import SUPPORTED_DTYPES as NF4_DTYPES
-from .nf4 import NF4Weight, _dtype_name, quantize_nf4
+from .nf4 import NF4Weight, _dtype_name, bitsandbytes_classes, quantize_nf4
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
     """PEFT's scaling: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` for rank-stabilised LoRA."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` (or a subclass that keeps ``nn.Linear.forward``, e.g. ``NonDynamicallyQuantizableLinear``):
+    what FusedLoraLinear can stand in for without dropping behaviour."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
 def _check_lora_args(r, lora_dropout) -> None:
@@ -175,14 +181,14 @@ class FusedLoraLinear(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        bnb_bases = {c.__name__ for c in type(linear).__mro__ if c.__module__.startswith("bitsandbytes")}
+        bnb_bases = bitsandbytes_classes(linear)
         if "Linear4bit" in bnb_bases:
             raise TypeError(f"from_linear got a bitsandbytes {type(linear).__name__} (a 4-bit base): use "
                             "FusedLoraLinear.from_bnb(module, ...) to wrap its NF4 weight as it is")
         if "Linear8bitLt" in bnb_bases:
             raise TypeError(f"from_linear got a bitsandbytes {type(linear).__name__}: 8-bit (LLM.int8) bases are not "
                             "supported")
-        if type(linear).forward is not nn.Linear.forward:
+        if not is_plain_linear(linear):
             raise TypeError(
                 f"from_linear expects an nn.Linear; {type(linear).__module__}.{type(linear).__qualname__} is a "
                 "subclass with its own forward, whose behaviour FusedLoraLinear would drop: not supported"

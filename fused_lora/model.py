@@ -55,7 +55,8 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
-from .layers import FusedLoraLinear
+from .layers import FusedLoraLinear, is_plain_linear
+from .nf4 import bitsandbytes_classes
 
 __all__ = [
     "apply_lora",
@@ -264,34 +265,22 @@ def bypassed_linears(model: nn.Module) -> Dict[str, Tuple[bool, str]]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _bitsandbytes_class(name: str):
-    """``bitsandbytes.nn.<name>`` if bitsandbytes is already imported (a bnb layer implies it is), else None."""
-    bnb = sys.modules.get("bitsandbytes")
-    return getattr(getattr(bnb, "nn", None), name, None) if bnb is not None else None
-
-
-def _is_plain_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` (or a subclass that keeps ``nn.Linear.forward``, e.g. ``NonDynamicallyQuantizableLinear``)."""
-    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
-
-
 def _lora_kind(name: str, module: nn.Module, quantize: Optional[str]) -> str:
     """Which LoRA layer ``module`` becomes, or a clear error for what is not supported.
 
     Returns ``"linear"`` (``FusedLoraLinear.from_linear``), ``"nf4"`` (a dense linear quantized to NF4:
     ``from_linear(..., quantize="nf4")``) or ``"bnb4bit"`` (a bitsandbytes ``Linear4bit``, read as it is:
     ``FusedLoraLinear.from_bnb``)."""
-    linear4bit = _bitsandbytes_class("Linear4bit")
-    if linear4bit is not None and isinstance(module, linear4bit):
+    bnb_classes = bitsandbytes_classes(module)
+    if "Linear4bit" in bnb_classes:
         quant_type = getattr(module.weight, "quant_type", None)
         if quant_type != "nf4":
             raise TypeError(f"module {name!r} is a bitsandbytes Linear4bit with quant_type={quant_type!r}: only NF4 "
                             "4-bit bases are supported")
         return "bnb4bit"
-    linear8bit = _bitsandbytes_class("Linear8bitLt")
-    if linear8bit is not None and isinstance(module, linear8bit):
+    if "Linear8bitLt" in bnb_classes:
         raise TypeError(f"module {name!r} is a bitsandbytes Linear8bitLt: 8-bit bases are not supported")
-    if _is_plain_linear(module):
+    if is_plain_linear(module):
         if not module.weight.is_floating_point():
             raise TypeError(f"module {name!r} has a {module.weight.dtype} weight; LoRA needs a floating-point base")
         return "linear" if quantize is None else "nf4"
@@ -469,18 +458,18 @@ def _record_shared_weights(model: nn.Module, names: Sequence[str]) -> None:
     (tied embeddings, two layers on one weight, a fused weight and a view of it): record the other holders on the
     layer (its merge() refuses, since merging in place would change them) and warn, as PEFT does. Disjoint views of
     one buffer (q, k, v slices of a fused weight) do not count."""
-    tensors = [(key, t) for key, t in itertools.chain(model.named_parameters(remove_duplicate=False),
-                                                        model.named_buffers(remove_duplicate=False))
-               if t.device.type != "meta" and t.numel() > 0]
+    spans = [(key, t, _byte_range(t)) for key, t in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                                                    model.named_buffers(remove_duplicate=False))
+             if t.device.type != "meta" and t.numel() > 0]
     for name in names:
         layer = model.get_submodule(name)
         weight = getattr(layer, "weight", None)
         if not isinstance(layer, FusedLoraLinear) or weight is None or weight.device.type == "meta":
             continue
         lo, hi = _byte_range(weight)
-        others = [key for key, t in tensors if key != f"{name}.weight" and t.device == weight.device
+        others = [key for key, t, (t_lo, t_hi) in spans if key != f"{name}.weight" and t.device == weight.device
                   and t.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
-                  and _byte_range(t)[0] < hi and lo < _byte_range(t)[1]]
+                  and t_lo < hi and lo < t_hi]
         if others:
             layer.weight_shared_with = tuple(dict.fromkeys(layer.weight_shared_with + tuple(others)))
             warnings.warn(f"{name}: the base weight is shared with {', '.join(others)} (tied weights); training is "
@@ -610,8 +599,7 @@ def _convert_peft_lora_layer(name: str, module: nn.Module, adapter: str) -> nn.M
     from peft.tuners.lora import Linear as PeftLoraLinear
 
     base = module.get_base_layer()
-    linear4bit = _bitsandbytes_class("Linear4bit")
-    quantized = linear4bit is not None and isinstance(base, linear4bit)
+    quantized = "Linear4bit" in bitsandbytes_classes(base)
     if quantized:
         from peft.tuners.lora.bnb import Linear4bit as PeftLoraLinear4bit
 
@@ -624,7 +612,7 @@ def _convert_peft_lora_layer(name: str, module: nn.Module, adapter: str) -> nn.M
         )
     if getattr(module, "fan_in_fan_out", False):
         raise TypeError(f"PEFT layer {name!r} uses fan_in_fan_out=True (a [in, out] Conv1D-style base): not supported")
-    if not quantized and not _is_plain_linear(base):
+    if not quantized and not is_plain_linear(base):
         raise TypeError(
             f"PEFT layer {name!r} has a {type(base).__module__}.{type(base).__name__} base: only nn.Linear is supported"
         )

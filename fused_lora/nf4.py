@@ -243,6 +243,12 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
                      offset=offset.to(device), nested_blocksize=NESTED_BLOCKSIZE, **common)
 
 
+def bitsandbytes_classes(obj) -> set:
+    """Names of the bitsandbytes classes ``obj`` is an instance of (e.g. ``{"Linear4bit", "LinearNF4"}``); empty
+    for anything else. Needs no import of bitsandbytes (a bitsandbytes object implies it is loaded)."""
+    return {c.__name__ for c in type(obj).__mro__ if c.__module__.startswith("bitsandbytes")}
+
+
 @dataclass(eq=False)
 class NF4Weight:
     """An NF4-quantized ``[out, in]`` weight in bitsandbytes' layout (see the module docstring).
@@ -449,7 +455,7 @@ class NF4Weight:
                 raise ValueError(f"from_bnb expects a (packed tensor, QuantState) pair, got {len(obj)} items")
             packed, qs = obj
         elif isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "weight", None), torch.Tensor):
-            bnb_bases = {c.__name__ for c in type(obj).__mro__ if c.__module__.startswith("bitsandbytes")}
+            bnb_bases = bitsandbytes_classes(obj)
             if "Linear8bitLt" in bnb_bases:
                 raise TypeError(f"from_bnb got a bitsandbytes {type(obj).__name__}: 8-bit (LLM.int8) bases are not "
                                 "supported; fused-lora reads 4-bit NF4 weights (a Linear4bit with quant_type='nf4')")

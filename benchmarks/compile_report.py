@@ -1,7 +1,7 @@
 """GPU-readiness report, no GPU needed: ``python -m benchmarks.compile_report``.
 
 1. Every kernel x shipped configuration x target (sm_80, sm_90), compiled ahead of time exactly as a real launch
-   would compile it (``fused_lora.aot``): registers, stack / local bytes (spills), shared memory, tensor-core
+   would compile it (``benchmarks.aot``): registers, stack / local bytes (spills), shared memory, tensor-core
    instruction counts.
 2. A MODELLED DRAM-traffic table per LLM shape for ``fused`` vs ``peft`` (eager PEFT LoRA), forward and backward.
    Model: each kernel (fused) or PyTorch op (PEFT) reads each of its operands once and writes each result once;
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
             print("TRITON_INTERPRET=1 is set: unset it to compile for real targets", file=sys.stderr)
             return 2
-        from fused_lora import aot
+        from benchmarks import aot
 
         results = aot.compile_all()
         print("Ahead-of-time compilation for sm_80 / sm_90 (cuobjdump resource usage, PTX tensor-core ops)\n")

@@ -11,7 +11,9 @@ import triton
 from . import INTERPRETING
 
 
-def config(num_warps: int, num_stages: int, **meta) -> triton.Config:
+def config(*, num_warps: int, num_stages: int, **meta) -> triton.Config:
+    """One launch configuration; keyword arguments only, so every number in a table says what it is. ``meta``:
+    the kernel's block-size constexprs, in the order the configuration's name lists them."""
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 

@@ -18,12 +18,19 @@ and 5 and never touches memory. Everything accumulates in fp32; ``xa`` and ``gb`
 dtype (they are the operands of later tensor-core products). fp32 inputs follow
 ``torch.backends.cuda.matmul.allow_tf32`` like PyTorch's own matmuls ("ieee" otherwise).
 
-The launch wrappers ``lora_forward`` / ``lora_backward`` have the same signatures as ``fused_lora.torch_ops``.
+Kernels 2 and 4 are the same GEMM skeleton (``_gemm_tile``, ``_lora_seed``, ``_gemm_main_loop``,
+``_store_tile``) with their own epilogue between the pieces: kernel 2 reduces over K and adds the bias, kernel 4
+reduces over N and applies the dropout mask to its LoRA term.
+
+The launch wrappers ``lora_forward`` / ``lora_backward`` take what ``fused_lora.torch_ops`` takes. The base weight
+is a dense ``[N, K]`` tensor or an NF4 operands record (read by attribute, see ``_weight_args``); ``dropout`` is
+None or an object with int ``key``, int ``threshold`` and float ``scale`` (``fused_lora.dropout.Dropout``).
+This package imports nothing from ``fused_lora``: the caller turns its own types into these arguments.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -31,7 +38,7 @@ import triton.language as tl
 
 from ._launch import Launcher, config, config_family
 from .dropout import dropout_keep
-from .nf4 import nf4_decode_tile
+from .nf4 import nf4_decode_tile, nf4_dequantize
 
 # ----------------------------------------------------------------------------------------------------------------
 # kernels
@@ -50,6 +57,112 @@ def _grouped_pids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
     return pid_m, pid_n
+
+
+# The GEMM skeleton shared by the forward (``y = x @ W^T``: output columns over N, reduction over K) and the dgrad
+# (``dx = g @ W``: output columns over K, reduction over N). "a" is the activation operand (x or g), "o" the
+# output-column axis, "red" the reduction axis. The right operands (B and W in the forward, A and W in the dgrad)
+# are passed with their own strides, rows first; RIGHT_T says that they are read transposed (their rows are the
+# output columns: the forward).
+
+
+@triton.jit
+def _gemm_tile(
+    M, OUT, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RED: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """The index vectors of this program's ``[BLOCK_M, BLOCK_O]`` tile of an ``[M, OUT]`` output:
+    ``(rm, ro, rm_in, ro_in, rr, rred)``.
+
+    ``rm`` / ``ro``: the true row / column indices (the store masks them). ``rm_in`` / ``ro_in``: the same wrapped
+    into range (int64), which the loads use: always in bounds, so the loads need no row or column mask. ``rr`` /
+    ``rred``: offsets within a rank block and within a reduction step (made here, ahead of both loops: the shipped
+    configurations' register counts were measured with this instruction order)."""
+    pid_m, pid_o = _grouped_pids(M, OUT, BLOCK_M, BLOCK_O, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ro = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    rm_in = (rm % M).to(tl.int64)
+    ro_in = (ro % OUT).to(tl.int64)
+    return rm, ro, rm_in, ro_in, tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_RED)
+
+
+@triton.jit
+def _lora_seed(
+    left_ptr, right_ptr, rm_in, ro_in, rr, R,
+    stride_lm, stride_lr, stride_right_row, stride_right_col,
+    RIGHT_T: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """fp32 ``left[rm_in, :R] @ right_op[:R, ro_in]``: a GEMM's LoRA term, unscaled, which seeds its accumulator.
+
+    ``left``: the ``[M, R]`` xa or gb. ``right``: B ``[OUT, R]`` read as B^T (RIGHT_T) or A ``[R, OUT]``.
+    r is small: a few dots."""
+    acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+    left_ptrs = left_ptr + rm_in[:, None] * stride_lm + rr[None, :] * stride_lr
+    if RIGHT_T:
+        right_ptrs = right_ptr + ro_in[None, :] * stride_right_row + rr[:, None] * stride_right_col
+        stride_rr = stride_right_col
+    else:
+        right_ptrs = right_ptr + rr[:, None] * stride_right_row + ro_in[None, :] * stride_right_col
+        stride_rr = stride_right_row
+    for r0 in range(0, R, BLOCK_R):
+        r_ok = (r0 + rr) < R
+        left = tl.load(left_ptrs, mask=r_ok[None, :], other=0.0)
+        right = tl.load(right_ptrs, mask=r_ok[:, None], other=0.0)
+        acc = tl.dot(left, right, acc, input_precision=INPUT_PRECISION)
+        left_ptrs += BLOCK_R * stride_lr
+        right_ptrs += BLOCK_R * stride_rr
+    return acc
+
+
+@triton.jit
+def _gemm_main_loop(
+    acc, a_ptr, w_ptr, nf4_code_ptr, nf4_absmax_ptr,
+    rm_in, ro, rred, OUT, RED, K,
+    stride_am, stride_ared, stride_wn, stride_wk, stride_wq,
+    RIGHT_T: tl.constexpr, W_NF4: tl.constexpr, NF4_BLOCKSIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_RED: tl.constexpr,
+):
+    """``acc + a[rm_in, :RED] @ w_op[:RED, ro]``, accumulated in fp32 over the reduction axis.
+
+    ``w_op`` is W^T (RIGHT_T: the forward, whose output columns are W's rows) or W (the dgrad); W is ``[N, K]``
+    (``OUT`` / ``RED``: the output and reduction extents, N and K in either order).
+    Dense W: element strides ``stride_wn`` / ``stride_wk``. W_NF4: ``w_ptr`` holds W's packed NF4 codes, byte
+    ``j`` at ``w_ptr + j * stride_wq`` (``nf4_code_ptr``: the 16-value table, ``nf4_absmax_ptr``: the decoded fp32
+    absmax per block, both contiguous); each W tile is dequantized in registers and rounded to ``a``'s dtype,
+    exactly as the dequantize kernel rounds the whole weight, so both NF4 paths see bit-identical weights."""
+    ro_w = ro % OUT  # int32 for the NF4 decoder (its index arithmetic runs in the indices' type)
+    a_ptrs = a_ptr + rm_in[:, None] * stride_am + rred[None, :] * stride_ared
+    if RIGHT_T:
+        w_ptrs = w_ptr + ro_w.to(tl.int64)[None, :] * stride_wn + rred[:, None] * stride_wk
+        stride_wred = stride_wk
+    else:
+        w_ptrs = w_ptr + rred[:, None] * stride_wn + ro_w.to(tl.int64)[None, :] * stride_wk
+        stride_wred = stride_wn
+    for red0 in range(0, RED, BLOCK_RED):
+        red_ok = (red0 + rred) < RED
+        a = tl.load(a_ptrs, mask=red_ok[None, :], other=0.0)
+        if W_NF4:
+            if RIGHT_T:
+                w_rows, w_cols = ro_w[None, :], (red0 + rred)[:, None]
+            else:
+                w_rows, w_cols = (red0 + rred)[:, None], ro_w[None, :]
+            w = nf4_decode_tile(w_ptr, nf4_code_ptr, nf4_absmax_ptr, rows=w_rows, cols=w_cols, in_features=K,
+                                mask=red_ok[:, None], BLOCKSIZE=NF4_BLOCKSIZE,
+                                packed_stride=stride_wq).to(a_ptr.dtype.element_ty)
+        else:
+            w = tl.load(w_ptrs, mask=red_ok[:, None], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_RED * stride_ared
+        w_ptrs += BLOCK_RED * stride_wred
+    return acc
+
+
+@triton.jit
+def _store_tile(out_ptr, acc, rm, ro, M, OUT, stride_om, stride_oo):
+    """Store the fp32 tile ``acc`` at true indices ``(rm, ro)`` of the ``[M, OUT]`` output, in its dtype."""
+    out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + ro[None, :] * stride_oo
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (ro < OUT)[None, :])
 
 
 @triton.jit
@@ -100,52 +213,20 @@ def _lora_linear_fwd_kernel(
 ):
     """y[BLOCK_M, BLOCK_N] = x @ W^T + scaling * xa @ B^T + bias.
 
-    W_NF4: ``w_ptr`` holds W's packed NF4 codes, byte ``j`` at ``w_ptr + j * stride_wq`` (``nf4_code_ptr``: the
-    16-value table, ``nf4_absmax_ptr``: the decoded fp32 absmax per block, both contiguous); each W tile is
-    dequantized in registers inside the main loop, rounded to x's dtype exactly as ``NF4Weight.dequantize`` rounds
-    it, so both QLoRA paths see bit-identical weights. ``stride_bias``: the bias's element stride (0: broadcast)."""
-    pid_m, pid_n = _grouped_pids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Loads use wrapped row/col indices (always in bounds, no mask); the store masks the true ones.
-    rm_in = (rm % M).to(tl.int64)
-    rn_in = (rn % N).to(tl.int64)
-    rr = tl.arange(0, BLOCK_R)
-    rk = tl.arange(0, BLOCK_K)
-
-    # The LoRA up-projection seeds the accumulator: acc = scaling * xa @ B^T (r is small: a few dots).
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    xa_ptrs = xa_ptr + rm_in[:, None] * stride_xam + rr[None, :] * stride_xar
-    bt_ptrs = b_ptr + rn_in[None, :] * stride_bn + rr[:, None] * stride_br  # B^T tile [BLOCK_R, BLOCK_N]
-    for r0 in range(0, R, BLOCK_R):
-        r_ok = (r0 + rr) < R
-        xa = tl.load(xa_ptrs, mask=r_ok[None, :], other=0.0)
-        bt = tl.load(bt_ptrs, mask=r_ok[:, None], other=0.0)
-        acc = tl.dot(xa, bt, acc, input_precision=INPUT_PRECISION)
-        xa_ptrs += BLOCK_R * stride_xar
-        bt_ptrs += BLOCK_R * stride_br
+    W dense (``stride_wn`` / ``stride_wk``) or, with W_NF4, packed NF4 codes (see ``_gemm_main_loop``).
+    ``stride_bias``: the bias's element stride (0: broadcast)."""
+    rm, rn, rm_in, rn_in, rr, rk = _gemm_tile(M, N, BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_K, GROUP_M)
+    acc = _lora_seed(xa_ptr, b_ptr, rm_in, rn_in, rr, R, stride_xam, stride_xar, stride_bn, stride_br,
+                     RIGHT_T=True, INPUT_PRECISION=INPUT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_O=BLOCK_N,
+                     BLOCK_R=BLOCK_R)
     acc = acc * scaling
-
-    # The base GEMM accumulates on top.
-    x_ptrs = x_ptr + rm_in[:, None] * stride_xm + rk[None, :] * stride_xk
-    wt_ptrs = w_ptr + rn_in[None, :] * stride_wn + rk[:, None] * stride_wk  # W^T tile [BLOCK_K, BLOCK_N]
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + rk) < K
-        x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-        if W_NF4:
-            wt = nf4_decode_tile(w_ptr, nf4_code_ptr, nf4_absmax_ptr, nf4_absmax_ptr, nf4_code_ptr, nf4_absmax_ptr,
-                                 (rn % N)[None, :], (k0 + rk)[:, None], K, k_ok[:, None],
-                                 NF4_BLOCKSIZE, False, 1, stride_wq).to(x_ptr.dtype.element_ty)
-        else:
-            wt = tl.load(wt_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(x, wt, acc, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        wt_ptrs += BLOCK_K * stride_wk
-
+    acc = _gemm_main_loop(acc, x_ptr, w_ptr, nf4_code_ptr, nf4_absmax_ptr, rm_in, rn, rk, N, K, K,
+                          stride_xm, stride_xk, stride_wn, stride_wk, stride_wq,
+                          RIGHT_T=True, W_NF4=W_NF4, NF4_BLOCKSIZE=NF4_BLOCKSIZE,
+                          INPUT_PRECISION=INPUT_PRECISION, BLOCK_RED=BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn_in * stride_bias).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+    _store_tile(y_ptr, acc, rm, rn, M, N, stride_ym, stride_yn)
 
 
 @triton.jit
@@ -223,48 +304,19 @@ def _lora_dgrad_kernel(
     GROUP_M: tl.constexpr,
 ):
     """dx[BLOCK_M, BLOCK_K] = g @ W + lora_scale * m * (gb @ A), lora_scale = scaling / (1 - p).
-    W_NF4: W is dequantized tile by tile in the main loop (see ``_lora_linear_fwd_kernel``)."""
-    pid_m, pid_k = _grouped_pids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    rm_in = (rm % M).to(tl.int64)
-    rk_in = (rk % K).to(tl.int64)
-    rr = tl.arange(0, BLOCK_R)
-    rn = tl.arange(0, BLOCK_N)
-
-    # The LoRA term (masked with the regenerated dropout mask) seeds the accumulator.
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    gb_ptrs = gb_ptr + rm_in[:, None] * stride_gbm + rr[None, :] * stride_gbr
-    a_ptrs = a_ptr + rr[:, None] * stride_ar + rk_in[None, :] * stride_ak
-    for r0 in range(0, R, BLOCK_R):
-        r_ok = (r0 + rr) < R
-        gb = tl.load(gb_ptrs, mask=r_ok[None, :], other=0.0)
-        a = tl.load(a_ptrs, mask=r_ok[:, None], other=0.0)
-        acc = tl.dot(gb, a, acc, input_precision=INPUT_PRECISION)
-        gb_ptrs += BLOCK_R * stride_gbr
-        a_ptrs += BLOCK_R * stride_ar
-    if HAS_DROPOUT:
+    W dense or packed NF4, as in ``_lora_linear_fwd_kernel``."""
+    rm, rk, rm_in, rk_in, rr, rn = _gemm_tile(M, K, BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_N, GROUP_M)
+    acc = _lora_seed(gb_ptr, a_ptr, rm_in, rk_in, rr, R, stride_gbm, stride_gbr, stride_ar, stride_ak,
+                     RIGHT_T=False, INPUT_PRECISION=INPUT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_O=BLOCK_K,
+                     BLOCK_R=BLOCK_R)
+    if HAS_DROPOUT:  # the mask regenerated from its seed, on the true indices
         acc = tl.where(dropout_keep(rm, rk, K, drop_key, drop_threshold), acc, 0.0)
     acc = acc * lora_scale
-
-    # The dgrad GEMM accumulates on top.
-    g_ptrs = g_ptr + rm_in[:, None] * stride_gm + rn[None, :] * stride_gn
-    w_ptrs = w_ptr + rn[:, None] * stride_wn + rk_in[None, :] * stride_wk
-    for n0 in range(0, N, BLOCK_N):
-        n_ok = (n0 + rn) < N
-        g = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
-        if W_NF4:
-            w = nf4_decode_tile(w_ptr, nf4_code_ptr, nf4_absmax_ptr, nf4_absmax_ptr, nf4_code_ptr, nf4_absmax_ptr,
-                                (n0 + rn)[:, None], (rk % K)[None, :], K, n_ok[:, None],
-                                NF4_BLOCKSIZE, False, 1, stride_wq).to(g_ptr.dtype.element_ty)
-        else:
-            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-        acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION)
-        g_ptrs += BLOCK_N * stride_gn
-        w_ptrs += BLOCK_N * stride_wn
-
-    dx_ptrs = dx_ptr + rm[:, None].to(tl.int64) * stride_dxm + rk[None, :] * stride_dxk
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rk < K)[None, :])
+    acc = _gemm_main_loop(acc, g_ptr, w_ptr, nf4_code_ptr, nf4_absmax_ptr, rm_in, rk, rn, K, N, K,
+                          stride_gm, stride_gn, stride_wn, stride_wk, stride_wq,
+                          RIGHT_T=False, W_NF4=W_NF4, NF4_BLOCKSIZE=NF4_BLOCKSIZE,
+                          INPUT_PRECISION=INPUT_PRECISION, BLOCK_RED=BLOCK_N)
+    _store_tile(dx_ptr, acc, rm, rk, M, K, stride_dxm, stride_dxk)
 
 
 @triton.jit
@@ -310,100 +362,192 @@ def _lora_grad_a_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# shipped configurations (every one is compiled for sm_80 and sm_90 by tests/test_aot_compile.py)
+# shipped configurations (every one is compiled for sm_80 and sm_90 by tests/test_aot_compile.py, which requires
+# zero spills; see _launch.Launcher)
 # ----------------------------------------------------------------------------------------------------------------
 
 # Families (see _launch.config_family): "half" = bf16/fp16 on tensor cores, "tf32" = fp32 with allow_tf32,
-# "ieee" = exact fp32 on FMA units. FMA-path dots keep both operands in registers, hence its smaller tiles: the
-# larger ones spill (measured by the compile check; e.g. 64x128x32 at 4 warps spills 1.2 KB/thread on sm_80).
-def _tilings(names, rows):
-    """Configurations from ``(num_warps, num_stages, *block sizes)`` rows, block sizes in ``names`` order."""
-    return [config(warps, stages, **dict(zip(names, blocks))) for warps, stages, *blocks in rows]
+# "ieee" = exact fp32 on FMA units, whose dots keep both operands in registers: hence its smaller tiles (larger ones
+# spill). "-nf4": the GEMMs with NF4 weights dequantized in the main loop, used for at most NF4_FUSED_MAX_TOKENS
+# rows: narrow row tiles, since the pipeliner multi-buffers the decoder's gathers and the wide dense tiles would not
+# fit in shared memory.
 
 
-def _families(names, **tables):
-    return {family.replace("_", "-"): _tilings(names, rows) for family, rows in tables.items()}
+class GemmTile(NamedTuple):
+    """One tiling of the two GEMMs, which share their tilings by role: the forward's output columns are N and it
+    reduces over K; the dgrad's output columns are K and it reduces over N."""
+
+    num_warps: int
+    num_stages: int
+    rows: int  # BLOCK_M: rows of x (forward) or g (dgrad) per program
+    cols: int  # output columns per program: BLOCK_N (forward), BLOCK_K (dgrad)
+    step: int  # reduction step of the main loop: BLOCK_K (forward), BLOCK_N (dgrad)
+    group_m: int = 8  # GROUP_M: tile rows per L2 group (_grouped_pids)
+
+    def forward(self):
+        return config(num_warps=self.num_warps, num_stages=self.num_stages, BLOCK_M=self.rows, BLOCK_N=self.cols,
+                      BLOCK_K=self.step, GROUP_M=self.group_m)
+
+    def dgrad(self):
+        return config(num_warps=self.num_warps, num_stages=self.num_stages, BLOCK_M=self.rows, BLOCK_K=self.cols,
+                      BLOCK_N=self.step, GROUP_M=self.group_m)
 
 
-# The two GEMMs share their tilings, written (warps, stages, rows of x, output columns, reduction step, GROUP_M):
-# the forward's output columns are N (reduction over K), the dgrad's are K (reduction over N). "-nf4": tilings
-# for NF4 weights dequantized in the main loop, used for at most NF4_FUSED_MAX_TOKENS rows (narrow row tiles; the
-# decoder's gathers are multi-buffered by the pipeliner, so the wide dense tiles would need 250-340 KiB of shared
-# memory).
 _GEMM_TILES = dict(
-    half=[(8, 3, 128, 256, 64, 8), (8, 4, 128, 128, 64, 8), (4, 4, 64, 128, 64, 8), (4, 4, 128, 64, 64, 8),
-          (4, 4, 64, 64, 64, 8)],
-    tf32=[(8, 3, 128, 128, 32, 8), (4, 4, 64, 128, 32, 8), (4, 4, 128, 64, 32, 8), (4, 4, 64, 64, 32, 8)],
-    tf32_nf4=[(4, 3, 16, 64, 64, 8), (4, 3, 32, 64, 64, 8), (4, 3, 64, 64, 32, 8), (4, 3, 32, 128, 32, 8),
-              (8, 3, 64, 128, 32, 8)],
+    half=[
+        GemmTile(num_warps=8, num_stages=3, rows=128, cols=256, step=64),
+        GemmTile(num_warps=8, num_stages=4, rows=128, cols=128, step=64),
+        GemmTile(num_warps=4, num_stages=4, rows=64, cols=128, step=64),
+        GemmTile(num_warps=4, num_stages=4, rows=128, cols=64, step=64),
+        GemmTile(num_warps=4, num_stages=4, rows=64, cols=64, step=64),
+    ],
+    tf32=[
+        GemmTile(num_warps=8, num_stages=3, rows=128, cols=128, step=32),
+        GemmTile(num_warps=4, num_stages=4, rows=64, cols=128, step=32),
+        GemmTile(num_warps=4, num_stages=4, rows=128, cols=64, step=32),
+        GemmTile(num_warps=4, num_stages=4, rows=64, cols=64, step=32),
+    ],
+    tf32_nf4=[
+        GemmTile(num_warps=4, num_stages=3, rows=16, cols=64, step=64),
+        GemmTile(num_warps=4, num_stages=3, rows=32, cols=64, step=64),
+        GemmTile(num_warps=4, num_stages=3, rows=64, cols=64, step=32),
+        GemmTile(num_warps=4, num_stages=3, rows=32, cols=128, step=32),
+        GemmTile(num_warps=8, num_stages=3, rows=64, cols=128, step=32),
+    ],
 )
 _FWD_TILES = dict(
     _GEMM_TILES,
-    ieee=[(8, 2, 64, 64, 16, 8), (8, 2, 32, 64, 32, 8), (8, 2, 64, 32, 32, 8), (4, 2, 32, 32, 32, 8)],
-    half_nf4=[(4, 3, 16, 64, 128, 8), (4, 3, 32, 64, 128, 8), (4, 3, 16, 128, 64, 8), (4, 3, 32, 128, 64, 8),
-              (8, 3, 64, 128, 64, 8), (4, 3, 64, 64, 64, 8)],
-    # 32x64 rows x columns with a 16-wide reduction step: at 32 wide it spilled 8 bytes on sm_80 with Triton 3.6
-    ieee_nf4=[(8, 2, 64, 64, 16, 8), (8, 2, 32, 64, 16, 8), (8, 2, 64, 32, 32, 8), (4, 2, 16, 64, 32, 8)],
+    ieee=[
+        GemmTile(num_warps=8, num_stages=2, rows=64, cols=64, step=16),
+        GemmTile(num_warps=8, num_stages=2, rows=32, cols=64, step=32),
+        GemmTile(num_warps=8, num_stages=2, rows=64, cols=32, step=32),
+        GemmTile(num_warps=4, num_stages=2, rows=32, cols=32, step=32),
+    ],
+    half_nf4=[
+        GemmTile(num_warps=4, num_stages=3, rows=16, cols=64, step=128),
+        GemmTile(num_warps=4, num_stages=3, rows=32, cols=64, step=128),
+        GemmTile(num_warps=4, num_stages=3, rows=16, cols=128, step=64),
+        GemmTile(num_warps=4, num_stages=3, rows=32, cols=128, step=64),
+        GemmTile(num_warps=8, num_stages=3, rows=64, cols=128, step=64),
+        GemmTile(num_warps=4, num_stages=3, rows=64, cols=64, step=64),
+    ],
+    ieee_nf4=[
+        GemmTile(num_warps=8, num_stages=2, rows=64, cols=64, step=16),
+        GemmTile(num_warps=8, num_stages=2, rows=32, cols=64, step=16),  # a 32-wide step spills here
+        GemmTile(num_warps=8, num_stages=2, rows=64, cols=32, step=32),
+        GemmTile(num_warps=4, num_stages=2, rows=16, cols=64, step=32),
+    ],
 )
 _DGRAD_TILES = dict(
     _GEMM_TILES,
-    ieee=[(8, 3, 64, 64, 16, 8), (8, 2, 32, 64, 32, 8), (8, 2, 64, 32, 32, 8), (4, 2, 32, 32, 32, 8)],
-    # 32x128x64 at 8 warps: at 4 warps it spilled 16 bytes on sm_80 and sm_90 with Triton 3.6
-    half_nf4=[(4, 3, 16, 64, 128, 8), (4, 3, 16, 128, 64, 8), (8, 3, 32, 128, 64, 8), (4, 4, 32, 64, 64, 8),
-              (8, 3, 64, 128, 64, 8), (4, 3, 64, 64, 64, 8)],
-    ieee_nf4=[(8, 3, 64, 64, 16, 8), (8, 2, 32, 64, 32, 8), (8, 2, 64, 32, 32, 8), (8, 2, 32, 32, 32, 8),
-              (4, 2, 16, 64, 32, 8)],
-)
-# (warps, stages, rows per step, columns per program) of the three row-streaming kernels.
-_DOWN_TILES = dict(
-    half=[(4, 3, 64, 128), (4, 4, 32, 128), (4, 3, 128, 64), (8, 3, 128, 128)],
-    tf32=[(4, 3, 64, 64), (4, 4, 32, 64), (4, 3, 128, 32)],
-    ieee=[(4, 3, 64, 32), (8, 3, 64, 64), (4, 3, 16, 64), (4, 2, 16, 32)],
+    ieee=[
+        GemmTile(num_warps=8, num_stages=3, rows=64, cols=64, step=16),
+        GemmTile(num_warps=8, num_stages=2, rows=32, cols=64, step=32),
+        GemmTile(num_warps=8, num_stages=2, rows=64, cols=32, step=32),
+        GemmTile(num_warps=4, num_stages=2, rows=32, cols=32, step=32),
+    ],
+    half_nf4=[
+        GemmTile(num_warps=4, num_stages=3, rows=16, cols=64, step=128),
+        GemmTile(num_warps=4, num_stages=3, rows=16, cols=128, step=64),
+        GemmTile(num_warps=8, num_stages=3, rows=32, cols=128, step=64),  # 8 warps: at 4 it spills
+        GemmTile(num_warps=4, num_stages=4, rows=32, cols=64, step=64),
+        GemmTile(num_warps=8, num_stages=3, rows=64, cols=128, step=64),
+        GemmTile(num_warps=4, num_stages=3, rows=64, cols=64, step=64),
+    ],
+    ieee_nf4=[
+        GemmTile(num_warps=8, num_stages=3, rows=64, cols=64, step=16),
+        GemmTile(num_warps=8, num_stages=2, rows=32, cols=64, step=32),
+        GemmTile(num_warps=8, num_stages=2, rows=64, cols=32, step=32),
+        GemmTile(num_warps=8, num_stages=2, rows=32, cols=32, step=32),
+        GemmTile(num_warps=4, num_stages=2, rows=16, cols=64, step=32),
+    ],
 )
 
+
+def _gemm_families(tables, role):
+    """``{family: [triton.Config]}`` for one GEMM (``role``: ``GemmTile.forward`` or ``GemmTile.dgrad``)."""
+    return {family.replace("_", "-"): [role(tile) for tile in tiles] for family, tiles in tables.items()}
+
+
+# The row-streaming kernels: lora_down and grad_a over (rows of x, columns of x = K), grad_out over (rows of g,
+# columns of g = N). lora_down and grad_a share their tensor-core tilings.
+_DOWN_TILES = dict(
+    half=[
+        config(num_warps=4, num_stages=3, BLOCK_M=64, BLOCK_K=128),
+        config(num_warps=4, num_stages=4, BLOCK_M=32, BLOCK_K=128),
+        config(num_warps=4, num_stages=3, BLOCK_M=128, BLOCK_K=64),
+        config(num_warps=8, num_stages=3, BLOCK_M=128, BLOCK_K=128),
+    ],
+    tf32=[
+        config(num_warps=4, num_stages=3, BLOCK_M=64, BLOCK_K=64),
+        config(num_warps=4, num_stages=4, BLOCK_M=32, BLOCK_K=64),
+        config(num_warps=4, num_stages=3, BLOCK_M=128, BLOCK_K=32),
+    ],
+    ieee=[
+        config(num_warps=4, num_stages=3, BLOCK_M=64, BLOCK_K=32),
+        config(num_warps=8, num_stages=3, BLOCK_M=64, BLOCK_K=64),
+        config(num_warps=4, num_stages=3, BLOCK_M=16, BLOCK_K=64),
+        config(num_warps=4, num_stages=2, BLOCK_M=16, BLOCK_K=32),
+    ],
+)
+# The first configuration of each family is also the fixed tiling of torch's deterministic mode (per-row-block
+# partial sums instead of atomics): the largest BLOCK_M there keeps that buffer small.
+_GRAD_OUT_TILES = dict(
+    half=[
+        config(num_warps=8, num_stages=3, BLOCK_M=128, BLOCK_N=64),
+        config(num_warps=8, num_stages=3, BLOCK_M=64, BLOCK_N=128),
+        config(num_warps=4, num_stages=3, BLOCK_M=32, BLOCK_N=64),
+        config(num_warps=8, num_stages=3, BLOCK_M=32, BLOCK_N=128),
+        config(num_warps=4, num_stages=3, BLOCK_M=32, BLOCK_N=32),
+    ],
+    tf32=[
+        config(num_warps=8, num_stages=2, BLOCK_M=32, BLOCK_N=64),
+        config(num_warps=4, num_stages=3, BLOCK_M=32, BLOCK_N=32),
+        config(num_warps=8, num_stages=2, BLOCK_M=16, BLOCK_N=64),
+        config(num_warps=4, num_stages=2, BLOCK_M=16, BLOCK_N=32),
+    ],
+    ieee=[
+        config(num_warps=8, num_stages=2, BLOCK_M=32, BLOCK_N=64),
+        config(num_warps=8, num_stages=2, BLOCK_M=32, BLOCK_N=32),
+        config(num_warps=4, num_stages=1, BLOCK_M=16, BLOCK_N=64),  # more warps or stages spill here
+        config(num_warps=4, num_stages=2, BLOCK_M=16, BLOCK_N=32),
+    ],
+)
+_GRAD_A_TILES = dict(
+    half=_DOWN_TILES["half"],
+    tf32=_DOWN_TILES["tf32"],
+    ieee=[
+        config(num_warps=4, num_stages=3, BLOCK_M=32, BLOCK_K=32),
+        config(num_warps=4, num_stages=3, BLOCK_M=16, BLOCK_K=64),
+        config(num_warps=4, num_stages=2, BLOCK_M=16, BLOCK_K=32),
+    ],
+)
+
+# In the interpreter: small tiles, so small test shapes cover several tiles and every boundary mask.
 LORA_DOWN = Launcher(
-    _lora_down_kernel, _families(("BLOCK_M", "BLOCK_K"), **_DOWN_TILES), key=["M_BUCKET", "K", "R"],
-    interpreter_config=config(4, 1, BLOCK_M=16, BLOCK_K=32),
+    _lora_down_kernel, _DOWN_TILES, key=["M_BUCKET", "K", "R"],
+    interpreter_config=config(num_warps=4, num_stages=1, BLOCK_M=16, BLOCK_K=32),
 )
 
 LINEAR_FWD = Launcher(
-    _lora_linear_fwd_kernel, _families(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), **_FWD_TILES),
-    key=["M_BUCKET", "N", "K", "R"],
-    interpreter_config=config(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2),
+    _lora_linear_fwd_kernel, _gemm_families(_FWD_TILES, GemmTile.forward), key=["M_BUCKET", "N", "K", "R"],
+    interpreter_config=config(num_warps=4, num_stages=1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2),
 )
 
-# The first configuration of each family is also the fixed tiling of torch's deterministic mode (per-row-block
-# partial sums instead of atomics): the largest BLOCK_M there keeps that buffer small.
 GRAD_OUT = Launcher(
-    _lora_grad_out_kernel,
-    _families(
-        ("BLOCK_M", "BLOCK_N"),
-        half=[(8, 3, 128, 64), (8, 3, 64, 128), (4, 3, 32, 64), (8, 3, 32, 128), (4, 3, 32, 32)],
-        tf32=[(8, 2, 32, 64), (4, 3, 32, 32), (8, 2, 16, 64), (4, 2, 16, 32)],
-        # 16x64 at 4 warps, 1 stage: at 8 warps and 2 or 3 stages it spilled 8 bytes on sm_80 with Triton 3.6
-        ieee=[(8, 2, 32, 64), (8, 2, 32, 32), (4, 1, 16, 64), (4, 2, 16, 32)],
-    ),
-    key=["M_BUCKET", "N", "R"],
-    interpreter_config=config(4, 1, BLOCK_M=16, BLOCK_N=32),
+    _lora_grad_out_kernel, _GRAD_OUT_TILES, key=["M_BUCKET", "N", "R"],
+    interpreter_config=config(num_warps=4, num_stages=1, BLOCK_M=16, BLOCK_N=32),
     reset_to_zero=["db_ptr", "dbias_ptr"],
 )
 
 DGRAD = Launcher(
-    _lora_dgrad_kernel, _families(("BLOCK_M", "BLOCK_K", "BLOCK_N", "GROUP_M"), **_DGRAD_TILES),
-    key=["M_BUCKET", "N", "K", "R"],
-    interpreter_config=config(4, 1, BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, GROUP_M=2),
+    _lora_dgrad_kernel, _gemm_families(_DGRAD_TILES, GemmTile.dgrad), key=["M_BUCKET", "N", "K", "R"],
+    interpreter_config=config(num_warps=4, num_stages=1, BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, GROUP_M=2),
 )
 
 GRAD_A = Launcher(
-    _lora_grad_a_kernel,
-    _families(
-        ("BLOCK_M", "BLOCK_K"),
-        half=_DOWN_TILES["half"],
-        tf32=_DOWN_TILES["tf32"],
-        ieee=[(4, 3, 32, 32), (4, 3, 16, 64), (4, 2, 16, 32)],
-    ),
-    key=["M_BUCKET", "K", "R"],
-    interpreter_config=config(4, 1, BLOCK_M=16, BLOCK_K=32),
+    _lora_grad_a_kernel, _GRAD_A_TILES, key=["M_BUCKET", "K", "R"],
+    interpreter_config=config(num_warps=4, num_stages=1, BLOCK_M=16, BLOCK_K=32),
 )
 
 LAUNCHERS = (LORA_DOWN, LINEAR_FWD, GRAD_OUT, DGRAD, GRAD_A)
@@ -439,27 +583,31 @@ NF4_FUSED_MAX_TOKENS = 128
 
 
 def _weight_args(weight, M: int, dtype: torch.dtype) -> dict:
-    """The kernels' W arguments for a dense ``[N, K]`` tensor or an ``NF4Weight``.
+    """The kernels' W arguments for a dense ``[N, K]`` tensor or an NF4 operands record.
 
-    NF4 with at most ``NF4_FUSED_MAX_TOKENS`` rows of x: the packed codes and the decoded fp32 absmax go to the
-    kernels, which dequantize W tile by tile in registers. More rows: one Triton dequantize into a transient
-    buffer (freed after the launch), then the dense path. Both give bit-identical weights.
+    The record is read by attribute (any object with them; ``fused_lora.nf4.NF4Operands`` in practice):
+    ``packed``, the uint8 NF4 codes, two per byte (high nibble first), shape ``((n + 1) // 2, 1)`` in any layout
+    whose flattening has one stride; ``code``, the fp32 ``[16]`` table; ``absmax``, the fp32 ``[n_blocks]``
+    per-block absmax, already decoded (double-quantized statistics are the caller's to decode); ``blocksize``;
+    ``shape``, ``(N, K)``.
 
-    Any layout of the NF4 buffers: the packed codes (the big operand) are read in place through one element
-    stride (``stride_wq``; see ``nf4_dequantize``); the 16-value table and the absmax (n / blocksize values,
-    decoded afresh on every call for a nested weight anyway) are indexed flat, so they are made contiguous here."""
-    from fused_lora.nf4 import NF4Weight
-
-    if isinstance(weight, NF4Weight):
-        packed = weight.data.reshape(-1)  # a view for every layout of the [k, 1] buffer that has one flat stride
-        int32_ok = max(weight.numel, (packed.numel() - 1) * packed.stride(0) + 1) < 2**31  # the decoder's indices
-        if M <= NF4_FUSED_MAX_TOKENS and int32_ok:
-            return dict(w_ptr=packed, nf4_code_ptr=weight.code.contiguous(),
-                        nf4_absmax_ptr=weight.absmax_fp32().contiguous(), stride_wn=0, stride_wk=0,
-                        stride_wq=packed.stride(0), W_NF4=True, NF4_BLOCKSIZE=weight.blocksize)
-        weight = weight.dequantize_triton(dtype)
-    return dict(w_ptr=weight, nf4_code_ptr=weight, nf4_absmax_ptr=weight, stride_wn=weight.stride(0),
-                stride_wk=weight.stride(1), stride_wq=0, W_NF4=False, NF4_BLOCKSIZE=64)
+    NF4 with at most ``NF4_FUSED_MAX_TOKENS`` rows of x: the packed codes and the absmax go to the GEMMs, which
+    dequantize W tile by tile in registers. More rows: ``nf4_dequantize`` into a transient dense buffer (freed
+    after the launch), then the dense path. Both give bit-identical weights. The packed codes (the big operand) are
+    read in place through one element stride (``stride_wq``); the table and the absmax are indexed flat, so they
+    are made contiguous (a no-op for the usual buffers)."""
+    if isinstance(weight, torch.Tensor):
+        return dict(w_ptr=weight, nf4_code_ptr=weight, nf4_absmax_ptr=weight, stride_wn=weight.stride(0),
+                    stride_wk=weight.stride(1), stride_wq=0, W_NF4=False, NF4_BLOCKSIZE=64)
+    n_out, n_in = (int(s) for s in weight.shape)
+    packed = weight.packed.reshape(-1)  # a view for every layout of the [k, 1] buffer that has one flat stride
+    int32_ok = max(n_out * n_in, (packed.numel() - 1) * packed.stride(0) + 1) < 2**31  # the decoder's indices
+    if M <= NF4_FUSED_MAX_TOKENS and int32_ok:
+        return dict(w_ptr=packed, nf4_code_ptr=weight.code.contiguous(), nf4_absmax_ptr=weight.absmax.contiguous(),
+                    stride_wn=0, stride_wk=0, stride_wq=packed.stride(0), W_NF4=True,
+                    NF4_BLOCKSIZE=int(weight.blocksize))
+    dense = nf4_dequantize(weight.packed, weight.code, weight.absmax, (n_out, n_in), weight.blocksize, dtype)
+    return _weight_args(dense, M, dtype)
 
 
 def _dropout_args(dropout) -> dict:
@@ -482,8 +630,11 @@ def lora_forward(
     scaling: float,
     dropout,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward of the fused LoRA linear on 2-D x (any strides); ``weight`` dense or an ``NF4Weight``.
-    Returns ``(y, xa)``."""
+    """Forward of the fused LoRA linear on 2-D x (any strides): ``y = x @ W^T + scaling * D(x) @ A^T @ B^T + bias``.
+
+    ``weight``: a dense ``[N, K]`` tensor or an NF4 operands record (see ``_weight_args``); ``dropout``: None or an
+    object with ``key``, ``threshold`` and ``scale``. Returns ``(y, xa)``, ``xa = D(x) @ A^T`` (saved for
+    backward)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     BLOCK_R, prec, bucket = block_r(R), input_precision(x), m_bucket(M)
@@ -562,7 +713,11 @@ def lora_backward(
     dropout,
     needs: Tuple[bool, bool, bool, bool, bool],
 ):
-    """Gradients ``(dx, dW, dA, dB, dbias)`` for the inputs flagged in ``needs`` (None for the others)."""
+    """Gradients ``(dx, dweight, dlora_A, dlora_B, dbias)`` for the inputs flagged in ``needs``, None for the others.
+
+    ``needs`` and the result follow one order, that of fused_lora's gradient names: (x, weight, lora_A, lora_B,
+    bias). ``weight`` and ``dropout`` as in :func:`lora_forward`; ``xa`` is the forward's. ``dweight`` (a plain
+    GEMM) exists for a dense weight only."""
     need_dx, need_dw, need_da, need_db, need_dbias = needs
     g = grad_out
     M, K = x.shape
@@ -606,5 +761,7 @@ def lora_backward(
 
     if need_dw:
         # Only when the user unfroze a dense W: the weight gradient is a plain GEMM with nothing to fuse.
+        if not isinstance(weight, torch.Tensor):
+            raise ValueError("lora_backward: no weight gradient for an NF4 weight (needs[1] must be False)")
         dw = torch.mm(g.t(), x).to(weight.dtype)
     return dx, dw, da, db, dbias

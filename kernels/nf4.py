@@ -20,8 +20,8 @@ Exactness: the nested step needs two roundings (``code2 * absmax2`` then ``+ off
 contract a multiply feeding an add into one FMA by default, so every kernel that calls :func:`nf4_decode_tile`
 with ``NESTED=True`` must be launched with ``enable_fp_fusion=False`` (as :func:`nf4_dequantize` does; the
 ahead-of-time check shows ``mul.rn.f32`` / ``add.rn.f32`` and no ``fma`` in its PTX). Kernels that cannot afford
-that (a GEMM whose epilogue wants FMAs) can decode the absmax first (``NF4Weight.absmax_fp32()``, ``n / 64``
-values) and call the helper with ``NESTED=False``. The final ``code * A`` has no add to fuse with, and the
+that (a GEMM whose epilogue wants FMAs) take the absmax already decoded (``n / blocksize`` values, decoded by the
+caller) and call the helper plain, as the LoRA GEMMs do. The final ``code * A`` has no add to fuse with, and the
 conversion to fp16/bf16 is round-to-nearest-even (on GPUs, and in the test suite's interpreter, whose own
 fp32 -> bf16 conversion truncates but which ``tests/triton_bf16.py`` gives exact bf16 conversions).
 """
@@ -43,18 +43,18 @@ from ._launch import FAMILIES, Launcher, config
 
 @triton.jit
 def nf4_decode_tile(
-    packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-    rows, cols, in_features, mask,
-    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-    packed_stride=1,
+    packed_ptr, code_ptr, absmax_ptr, rows, cols, in_features, mask,
+    BLOCKSIZE: tl.constexpr, packed_stride=1,
+    NESTED: tl.constexpr = False, absmax2_ptr=None, code2_ptr=None, offset_ptr=None,
+    NESTED_BLOCKSIZE: tl.constexpr = 256,
 ):
     """fp32 values of the NF4 elements ``(rows, cols)`` of a ``[out, in_features]`` weight (broadcast shapes).
 
     ``packed_ptr``: uint8 codes, two per byte (high nibble = even flat index), byte ``j`` at element offset
     ``j * packed_stride`` (any layout whose flattening is one stride: slices, ``.t()`` of ``[1, k]``, stride 0);
     ``code_ptr``: the 16 fp32 NF4 values. The tables and statistics are read flat: pass contiguous ones.
-    Plain (``NESTED=False``): ``absmax_ptr`` is fp32 ``[n_blocks]``; ``absmax2_ptr`` / ``code2_ptr`` /
-    ``offset_ptr`` are unused. Nested: ``absmax_ptr`` is the uint8 ``qabsmax``, ``absmax2_ptr`` fp32
+    Plain (``NESTED=False``, the default): ``absmax_ptr`` is the fp32 ``[n_blocks]`` absmax and the nested
+    arguments are left out. Nested: ``absmax_ptr`` is the uint8 ``qabsmax``, ``absmax2_ptr`` fp32
     ``[ceil(n_blocks / NESTED_BLOCKSIZE)]``, ``code2_ptr`` the 256 fp32 values and ``offset_ptr`` one fp32 value;
     the caller must be compiled with ``enable_fp_fusion=False`` (see the module docstring).
     ``mask`` (same broadcast shape) marks the elements to load; masked-off ones decode to 0 (a GEMM's K tail can
@@ -62,6 +62,8 @@ def nf4_decode_tile(
     Index arithmetic happens in the integer type of ``rows`` / ``cols``: pass int64 indices when the weight has
     2**31 elements or more, or when the last packed byte's offset ``((n + 1) // 2 - 1) * packed_stride`` reaches
     2**31 (int32 is cheaper: most of this function's instructions are index arithmetic).
+    Call it with keywords past ``mask``, e.g. ``nf4_decode_tile(p, c, a, rows=r, cols=c, in_features=k, mask=m,
+    BLOCKSIZE=64, packed_stride=s)``.
     """
     flat = rows * in_features + cols  # row-major element index; blocks follow it across rows
     byte = tl.load(packed_ptr + (flat >> 1) * packed_stride, mask=mask, other=0).to(tl.int32)
@@ -98,27 +100,28 @@ def _nf4_dequant_kernel(
         rm = rm.to(tl.int64)
         rn = rn.to(tl.int64)
     w = nf4_decode_tile(
-        packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-        rm[:, None], rn[None, :], cols, mask,
-        BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, stride_packed,
+        packed_ptr, code_ptr, absmax_ptr, rows=rm[:, None], cols=rn[None, :], in_features=cols, mask=mask,
+        BLOCKSIZE=BLOCKSIZE, packed_stride=stride_packed,
+        NESTED=NESTED, absmax2_ptr=absmax2_ptr, code2_ptr=code2_ptr, offset_ptr=offset_ptr,
+        NESTED_BLOCKSIZE=NESTED_BLOCKSIZE,
     )
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_ok
     tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# shipped configurations (every one is compiled for sm_80 and sm_90 by fused_lora.aot)
+# shipped configurations (every one is compiled for sm_80 and sm_90 by tests/test_aot_compile.py)
 # ----------------------------------------------------------------------------------------------------------------
 
 # A memory-bound gather/convert kernel with no tl.dot: the same configurations serve every output dtype, so each
 # family key maps to the same list. 2K-8K elements per program, rows of 128-512 contiguous columns (coalesced,
 # vectorized stores); no loop, hence one stage.
 _DEQUANT_CONFIGS = [
-    config(4, 1, BLOCK_M=16, BLOCK_N=256),
-    config(4, 1, BLOCK_M=8, BLOCK_N=512),
-    config(8, 1, BLOCK_M=32, BLOCK_N=256),
-    config(8, 1, BLOCK_M=16, BLOCK_N=512),
-    config(4, 1, BLOCK_M=32, BLOCK_N=128),
+    config(num_warps=4, num_stages=1, BLOCK_M=16, BLOCK_N=256),
+    config(num_warps=4, num_stages=1, BLOCK_M=8, BLOCK_N=512),
+    config(num_warps=8, num_stages=1, BLOCK_M=32, BLOCK_N=256),
+    config(num_warps=8, num_stages=1, BLOCK_M=16, BLOCK_N=512),
+    config(num_warps=4, num_stages=1, BLOCK_M=32, BLOCK_N=128),
 ]
 
 NF4_DEQUANT = Launcher(
@@ -126,7 +129,7 @@ NF4_DEQUANT = Launcher(
     {family: _DEQUANT_CONFIGS for family in FAMILIES},
     key=["rows", "cols"],
     # small tiles so small test shapes cover several tiles in both directions and every boundary mask
-    interpreter_config=config(4, 1, BLOCK_M=8, BLOCK_N=32),
+    interpreter_config=config(num_warps=4, num_stages=1, BLOCK_M=8, BLOCK_N=32),
 )
 
 LAUNCHERS = (NF4_DEQUANT,)
@@ -134,6 +137,25 @@ LAUNCHERS = (NF4_DEQUANT,)
 # ----------------------------------------------------------------------------------------------------------------
 # launch wrapper
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _address_range(t: torch.Tensor) -> Tuple[int, int]:
+    """``[first, last)`` byte addresses a non-empty tensor's elements span (gaps between them included)."""
+    lo = hi = 0
+    for size, stride in zip(t.shape, t.stride()):
+        if stride > 0:
+            hi += (size - 1) * stride
+        else:
+            lo += (size - 1) * stride
+    return t.data_ptr() + lo * t.element_size(), t.data_ptr() + (hi + 1) * t.element_size()
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' address ranges intersect (conservative for interleaved layouts)."""
+    if a.device != b.device or a.device.type == "meta" or a.numel() == 0 or b.numel() == 0:
+        return False
+    (a0, a1), (b0, b1) = _address_range(a), _address_range(b)
+    return a0 < b1 and b0 < a1
 
 
 def nf4_dequantize(
@@ -156,7 +178,8 @@ def nf4_dequantize(
     ``absmax2`` / ``code2`` / ``offset`` (fp32 0-dim or 1-element tensor, read on the device: no host sync) are given.
     Any strides: ``packed`` is read in place (through one element stride), the small tables and statistics are
     made contiguous when they are not.
-    ``out`` may be any strided ``[out, in]`` tensor of ``dtype`` (e.g. ``buf.t()`` to write ``W^T``).
+    ``out`` may be any strided ``[out, in]`` tensor of ``dtype`` (e.g. ``buf.t()`` to write ``W^T``) that does not
+    overlap the inputs.
     ``index_64``: 64-bit index arithmetic; by default only when element, packed-byte or output offsets reach 2**31.
     """
     rows, cols = (int(s) for s in shape)
@@ -169,6 +192,10 @@ def nf4_dequantize(
         raise ValueError(f"out must be {dtype} {(rows, cols)}, got {out.dtype} {tuple(out.shape)}")
     if rows == 0 or cols == 0:
         return out
+    inputs = dict(packed=packed, code=code, absmax=absmax, absmax2=absmax2, code2=code2, offset=offset)
+    for name, t in inputs.items():
+        if t is not None and _overlap(out, t):
+            raise ValueError(f"out overlaps the input {name}: the kernel would overwrite what it reads")
     # The packed codes (n / 2 bytes, the big operand) are read in place through one element stride: flattening
     # is a view for every layout of the [k, 1] buffer (slices, offsets, .t() of [1, k], stride 0); only a layout
     # that has no single flat stride is copied. The tables and statistics (16 and 256 values, n / blocksize

@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The tested Triton range; fused_lora/aot.py TESTED_TRITON and pyproject.toml's lower bound say the same
+# The tested Triton range; benchmarks/aot.py TESTED_TRITON and pyproject.toml's lower bound say the same
 # (tests/test_aot_compile.py checks that they agree).
 TRITON_OLDEST=3.6.0
 TRITON_NEWEST=3.9.0

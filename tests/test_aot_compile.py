@@ -1,6 +1,7 @@
 """Every kernel and every shipped launch configuration compiles ahead of time for sm_80 and sm_90 (no GPU needed):
 no spills (cuobjdump STACK = LOCAL = 0), shared memory within the target's limit, tensor-core instructions
-wherever a tl.dot runs on 16-bit or tf32 operands. Runs in a subprocess: the compile needs TRITON_INTERPRET unset."""
+wherever a tl.dot runs on 16-bit or tf32 operands. Runs ``python -m benchmarks.aot`` in a subprocess: the compile
+needs TRITON_INTERPRET unset."""
 
 from __future__ import annotations
 
@@ -13,6 +14,12 @@ import pytest
 
 pytest.importorskip("triton")
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # the checker lives in benchmarks/, beside the package, not in it
+    sys.path.insert(0, ROOT)
+
+from benchmarks import aot  # noqa: E402
+
 pytestmark = pytest.mark.aot
 
 
@@ -20,10 +27,10 @@ pytestmark = pytest.mark.aot
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "fused_lora.aot", "--json", str(out)], capture_output=True,
-                          text=True, env=env, timeout=1500)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.aot", "--json", str(out)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=1500)
     if not out.exists():
-        pytest.fail(f"fused_lora.aot produced no results:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        pytest.fail(f"benchmarks.aot produced no results:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(out.read_text()), proc
 
 
@@ -45,8 +52,6 @@ def test_all_compile_without_spills(results):
 
 def test_every_shipped_configuration_is_covered(results):
     """Coverage is derived from the launchers themselves, so a newly added configuration cannot escape the check."""
-    from fused_lora import aot
-
     rows, _ = results
     compiled = {(r["kernel"], r["variant"].split("/")[-1], r["config"], r["num_warps"], r["num_stages"], r["target"])
                 for r in rows}
@@ -60,16 +65,15 @@ def test_every_shipped_configuration_is_covered(results):
 
 
 def test_tested_triton_range_is_declared_consistently():
-    """The oldest and newest tested Triton (fused_lora.aot.TESTED_TRITON) are pyproject.toml's lower bound and the
+    """The oldest and newest tested Triton (benchmarks.aot.TESTED_TRITON) are pyproject.toml's lower bound and the
     two pins of scripts/setup-env.sh (`make test` on the newest, `make test-oldest-triton` on the oldest)."""
     import re
     from pathlib import Path
 
-    from fused_lora.aot import TESTED_TRITON
-
-    root = Path(__file__).resolve().parents[1]
-    oldest, newest = TESTED_TRITON
+    root = Path(ROOT)
+    oldest, newest = aot.TESTED_TRITON
     lower = re.search(r'"triton>=([\d.]+)', (root / "pyproject.toml").read_text()).group(1)
     assert lower.split(".")[:2] == oldest.split(".")[:2], f"pyproject.toml says triton>={lower}, oldest tested {oldest}"
     script = (root / "scripts" / "setup-env.sh").read_text()
     assert f"\nTRITON_OLDEST={oldest}\n" in script and f"\nTRITON_NEWEST={newest}\n" in script
+

@@ -328,7 +328,7 @@ def test_triton_backend_is_not_used_under_torch(monkeypatch):
 
 _PTX_CHECK = r"""
 import re
-from fused_lora import aot
+from benchmarks import aot
 launcher = aot._launcher_by_name("_nf4_dequant_kernel")
 for capture in aot._capture_nf4():
     for target in (80, 90):
@@ -349,7 +349,9 @@ def test_compiled_kernel_keeps_the_nested_roundings_separate():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _PTX_CHECK], capture_output=True, text=True, env=env, timeout=600)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/aot.py: run from the root
+    proc = subprocess.run([sys.executable, "-c", _PTX_CHECK], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split() for line in proc.stdout.splitlines() if line.strip()]
     assert len(rows) == 6, proc.stdout  # nested bf16, plain bf16, nested fp32 x (sm_80, sm_90)

@@ -10,10 +10,13 @@ configuration, for sm_80 and sm_90, and reads the result back:
   spills), shared memory from the compiled metadata (checked against the target's per-block limit);
 * tensor-core instructions counted in the PTX (``mma.sync`` on sm_80, ``wgmma`` or ``mma.sync`` on sm_90).
 
-Run ``python -m fused_lora.aot`` (TRITON_INTERPRET must be unset: interpreted kernels cannot be compiled).
+Run ``python -m benchmarks.aot`` from the repository root (TRITON_INTERPRET must be unset: interpreted kernels
+cannot be compiled); ``tests/test_aot_compile.py`` and ``python -m benchmarks.compile_report`` run it too.
 The launch-argument capture uses Triton's own binder (``create_function_from_signature`` and
-``JITFunction._pack_args``, internals): checked against both ends of the supported range, ``TESTED_TRITON`` (the
-oldest, and the newest, pinned for CPU set-ups); any other version whose binder differs raises an error naming it.
+``JITFunction._pack_args``, internals) and replaces ``Launcher.__call__`` while it records: test and report
+tooling, outside the runtime package. It is checked against both ends of the supported range, ``TESTED_TRITON``
+(the oldest, and the newest, pinned for CPU set-ups); any other version whose binder differs raises an error
+naming it.
 """
 
 from __future__ import annotations
@@ -114,12 +117,13 @@ def _example_problems():
 
 
 def _example_weight(variant: str, N: int, K: int, dtype: torch.dtype):
+    """A dense weight, or the NF4 operands record the kernels take (blocksize 64, absmax decoded)."""
     if variant != "nf4":
         return torch.empty(N, K, dtype=dtype)
-    from fused_lora.nf4 import NF4_CODE, NF4Weight
+    from fused_lora.nf4 import NF4_CODE, NF4Operands
 
-    return NF4Weight(data=torch.empty((N * K + 1) // 2, 1, dtype=torch.uint8), blocksize=64, shape=(N, K),
-                     dtype=dtype, code=NF4_CODE.clone(), absmax=torch.empty(N * K // 64))
+    return NF4Operands(packed=torch.empty((N * K + 1) // 2, 1, dtype=torch.uint8), code=NF4_CODE.clone(),
+                       absmax=torch.empty(N * K // 64), blocksize=64, shape=(N, K))
 
 
 @contextlib.contextmanager
@@ -234,13 +238,13 @@ def _triton_binding():
     version = triton.__version__
     tested = f"tested with Triton {TESTED_TRITON[0]} to {TESTED_TRITON[1]}"
     if _version(version) < _version(TESTED_TRITON[0]):
-        raise RuntimeError(f"fused_lora.aot needs Triton >= {TESTED_TRITON[0]} ({tested}); found {version}")
+        raise RuntimeError(f"benchmarks.aot needs Triton >= {TESTED_TRITON[0]} ({tested}); found {version}")
     create = getattr(jit, "create_function_from_signature", None)
     pack = getattr(getattr(jit, "JITFunction", None), "_pack_args", None)
     found = tuple(None if f is None else tuple(inspect.signature(f).parameters) for f in (create, pack))
     if found != (_BINDER_PARAMS, _PACK_ARGS_PARAMS):
         raise RuntimeError(
-            f"fused_lora.aot ({tested}) does not know the launch binder of Triton {version}: expected "
+            f"benchmarks.aot ({tested}) does not know the launch binder of Triton {version}: expected "
             f"triton.runtime.jit.create_function_from_signature{_BINDER_PARAMS} and "
             f"JITFunction._pack_args{_PACK_ARGS_PARAMS}, found {found[0]} and {found[1]}; adapt compile_capture"
         )
@@ -263,7 +267,7 @@ def compile_capture(capture: Capture, args: dict, cfg, target_arch: int):
     bound = binder(**kwargs)
     packed = pack_args(kernel, backend, kwargs, *bound) if isinstance(bound, tuple) and len(bound) == 3 else None
     if not (isinstance(packed, tuple) and len(packed) == 4):
-        raise RuntimeError(f"fused_lora.aot: Triton {triton.__version__}'s binder returned "
+        raise RuntimeError(f"benchmarks.aot: Triton {triton.__version__}'s binder returned "
                            f"{type(bound).__name__} / {type(packed).__name__}, not the 3- and 4-tuples it knows")
     options, signature, constexprs, attrs = packed
     return compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
@@ -319,7 +323,7 @@ def jobs() -> List[Tuple]:
 def compile_all(workers: Optional[int] = None) -> List[CompileResult]:
     """Compile every (kernel, configuration, variant, target); in parallel processes."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("fused_lora.aot needs TRITON_INTERPRET unset: interpreted kernels cannot be compiled")
+        raise RuntimeError("benchmarks.aot needs TRITON_INTERPRET unset: interpreted kernels cannot be compiled")
     _triton_binding()  # an unknown Triton fails here, once, with the reason (not as one error per compilation)
     todo = jobs()
     workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
@@ -342,7 +346,7 @@ def format_table(results: List[CompileResult]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.aot", description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results as JSON to this path")
     parser.add_argument("--workers", type=int, default=None)
     ns = parser.parse_args(argv)

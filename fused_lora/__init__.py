@@ -18,17 +18,12 @@ Public API::
 from ._autoselect import auto_choices, clear_auto_choices
 from ._backend import get_backend, set_backend, use_backend
 from .adapters import load_adapter, save_adapter
+from .conversion import apply_lora, lora_layers, print_trainable_parameters, trainable_parameters_summary
 from .functional import FusedLoraFunction, fused_lora_linear
-from .layers import FusedLoraLinear, FusedLoraLinearNF4
-from .model import (
-    apply_lora,
-    from_peft,
-    lora_layers,
-    merge_and_unload,
-    print_trainable_parameters,
-    trainable_parameters_summary,
-)
+from .layers import FusedLoraLinear
+from .merging import merge_and_unload
 from .nf4 import NF4Weight, quantize_nf4
+from .peft_conversion import from_peft
 from .torch_ops import get_cpu_half_compute, set_cpu_half_compute, use_cpu_half_compute
 
 __version__ = "0.1.0"
@@ -38,7 +33,6 @@ __all__ = [
     "clear_auto_choices",
     "FusedLoraFunction",
     "FusedLoraLinear",
-    "FusedLoraLinearNF4",
     "NF4Weight",
     "apply_lora",
     "from_peft",

@@ -24,7 +24,6 @@ from typing import Callable, Dict, List, NamedTuple, Tuple
 
 import torch
 
-from .nf4 import NF4Weight
 
 CANDIDATES = ("triton", "torch")
 
@@ -131,7 +130,7 @@ def problem_key(name: str, args: tuple) -> ProblemKey:
         variant = tuple(needs)
     tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     return ProblemKey(name, str(x.device), _pow2(x.shape[0]), x.shape[1], weight.shape[0], lora_A.shape[0],
-                      str(x.dtype), tf32, isinstance(weight, NF4Weight), dropout is not None, x.is_contiguous(),
+                      str(x.dtype), tf32, not isinstance(weight, torch.Tensor), dropout is not None, x.is_contiguous(),
                       torch.are_deterministic_algorithms_enabled(), variant)
 
 

@@ -14,34 +14,20 @@ layer, a layer without its tensors, a wrong shape, or a config field fused-lora 
 
 from __future__ import annotations
 
+import ctypes
 import json
-import math
 import os
-import re
+import struct
+import sys
 import warnings
-from collections import Counter
-from typing import Dict, List, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from .layers import lora_scaling
-from .model import (
-    ALL_LINEAR,
-    META_ATTR,
-    LoraModelMeta,
-    _check_modules_to_save_not_shared,
-    _set_trainability,
-    check_regexes,
-    execute_plan,
-    get_meta,
-    lora_layers,
-    name_matches,
-    pattern_value,
-    plan_lora,
-    resolve_modules_to_save,
-    unwrap_model,
-)
+from .conversion import execute_plan, get_meta, lora_layers, plan_lora, set_trainability, unwrap_model
+from .hyperparams import Hyperparams, LayerHyperparams
+from .targets import check_modules_to_save_not_shared, check_regexes, resolve_modules_to_save, target_modules_for
 
 __all__ = ["load_adapter", "save_adapter", "CONFIG_NAME", "SAFETENSORS_NAME", "BIN_NAME"]
 
@@ -89,60 +75,6 @@ _USED = (
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _most_common(values):
-    """The most frequent value (ties: the one seen first)."""
-    return Counter(values).most_common(1)[0][0]
-
-
-def _minimal_target_modules(adapted: List[str], others: List[str]) -> Union[List[str], str]:
-    """A ``target_modules`` value selecting exactly ``adapted`` among ``adapted + others`` under PEFT's list rule:
-    for each adapted name, its shortest dot-suffix that no other module name equals or ends with. Falls back to a
-    full-match regex of the escaped names when a list cannot separate them (a name that is a suffix of another)."""
-    def clashes(suffix):
-        return any(o == suffix or o.endswith("." + suffix) for o in others)
-
-    chosen: List[str] = []
-    for name in sorted(adapted):
-        if name_matches(tuple(chosen), name):
-            continue
-        parts = name.split(".")
-        for i in range(len(parts) - 1, -1, -1):
-            suffix = ".".join(parts[i:])
-            if not clashes(suffix):
-                chosen.append(suffix)
-                break
-        else:
-            chosen = None
-            break
-    if chosen is not None and {n for n in adapted + others if name_matches(tuple(chosen), n)} == set(adapted):
-        return sorted(chosen)
-    regex = "(?:" + "|".join(re.escape(n) for n in sorted(adapted)) + ")"
-    assert {n for n in adapted + others if name_matches(regex, n)} == set(adapted)
-    return regex
-
-
-def _patterns(values: Dict[str, object], default) -> Dict[str, object]:
-    """``rank_pattern`` / ``alpha_pattern`` entries for the modules whose value differs from ``default``, keyed by
-    module name (escaped when a plain name would also match another module under PEFT's regex rule); verified by
-    resolving every module with PEFT's lookup."""
-    for escape in (False, True):
-        pattern = {(re.escape(n) if escape else n): v for n, v in values.items() if v != default}
-        if all(pattern_value(pattern, n, default) == v for n, v in values.items()):
-            return pattern
-    raise ValueError(
-        "cannot express the per-layer r / lora_alpha values as a PEFT rank_pattern / alpha_pattern (a module name "
-        f"is a suffix of another): {values}"
-    )
-
-
-def _check_uniform(values: Dict[str, object], what: str):
-    distinct = sorted(set(values.values()), key=repr)
-    if len(distinct) > 1:
-        by_value = {v: [n for n, x in values.items() if x == v][:3] for v in distinct}
-        raise ValueError(f"save_adapter: layers differ in {what} ({by_value}); PEFT's LoraConfig has one {what}")
-    return distinct[0]
-
-
 def _tensor_for_file(t: torch.Tensor, seen: Dict[int, str], key: str) -> torch.Tensor:
     """Detached, contiguous; cloned when its storage is already used by another saved tensor (safetensors refuses
     shared storage)."""
@@ -162,6 +94,39 @@ def _tensor_for_file(t: torch.Tensor, seen: Dict[int, str], key: str) -> torch.T
     else:
         seen[ptr] = key
     return t
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], filename: str, metadata: Dict[str, str]) -> None:
+    """Write floating-point tensors in the safetensors format, without numpy (``safetensors.torch.save_file`` needs
+    it; fused-lora does not depend on it). The format: an 8-byte little-endian header length, a JSON header
+    ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`` padded with spaces to a
+    multiple of 8 bytes, then each tensor's little-endian bytes back to back, in the header's order."""
+    if sys.byteorder != "little":  # the raw bytes below are the host's
+        from safetensors.torch import save_file
+
+        save_file(dict(tensors), filename, metadata=metadata)
+        return
+    header: Dict[str, object] = {"__metadata__": dict(metadata)}
+    blobs, offset = [], 0
+    for name, t in tensors.items():
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"{name}: cannot write {t.dtype} tensors (floating point only)")
+        t = t.detach().to("cpu").contiguous()
+        size = t.numel() * t.element_size()
+        blobs.append(ctypes.string_at(t.data_ptr(), size) if size else b"")
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    with open(filename, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for blob in blobs:
+            f.write(blob)
 
 
 def _json_number(x):
@@ -188,36 +153,29 @@ def save_adapter(
     model's ``name_or_path`` / None).
 
     Raises ``ValueError`` when the layers cannot be described by one ``LoraConfig``: different ``lora_dropout`` or
-    ``use_rslora`` across layers, or a ``scaling`` that is not ``lora_alpha / r`` (``/ sqrt(r)``).
+    ``use_rslora`` across layers, or a layer whose ``scaling`` was set to a value other than the one ``r``,
+    ``lora_alpha`` and ``use_rslora`` give (``layer.custom_scaling``).
     Models wrapped by DDP / DataParallel / ``torch.compile`` are unwrapped; module paths are the unwrapped model's.
     """
-    from safetensors.torch import save_file
-
     model = unwrap_model(model)
     layers = list(lora_layers(model))
     if not layers:
         raise ValueError(f"save_adapter: {type(model).__name__} has no fused-lora layers")
-    meta = getattr(model, META_ATTR, None) or LoraModelMeta()
+    meta = get_meta(model, create=False)
 
-    ranks, alphas, dropouts, rslora = {}, {}, {}, {}
+    per_layer = {name: LayerHyperparams.of(layer) for name, layer in layers}
     for name, layer in layers:
-        ranks[name], alphas[name] = layer.r, layer.lora_alpha
-        dropouts[name], rslora[name] = float(layer.lora_dropout), bool(layer.use_rslora)
-        expected = lora_scaling(layer.r, layer.lora_alpha, layer.use_rslora)
-        if not math.isclose(layer.scaling, expected, rel_tol=1e-12, abs_tol=0.0):
+        if layer.custom_scaling is not None:
             raise ValueError(
                 f"save_adapter: layer {name!r} has scaling={layer.scaling!r} but r={layer.r}, "
-                f"lora_alpha={layer.lora_alpha}, use_rslora={layer.use_rslora} give {expected!r}; "
+                f"lora_alpha={layer.lora_alpha}, use_rslora={layer.use_rslora} give {per_layer[name].scaling!r}; "
                 "a PEFT adapter_config cannot express a changed scaling"
             )
-    lora_dropout = _check_uniform(dropouts, "lora_dropout")
-    use_rslora = _check_uniform(rslora, "use_rslora")
-    r, lora_alpha = _most_common(ranks.values()), _most_common(alphas.values())
+    hyperparams = Hyperparams.from_layers(per_layer, where="save_adapter: ")
 
-    adapted = [n for n, _ in layers]
-    adapted_set = set(adapted)
-    others = [n for n, _ in model.named_modules() if n and n not in adapted_set]
-    target_modules = _minimal_target_modules(adapted, others)
+    adapted = list(per_layer)
+    others = [n for n, _ in model.named_modules() if n and n not in per_layer]
+    target_modules = target_modules_for(adapted, others)
 
     tensors: Dict[str, torch.Tensor] = {}
     seen: Dict[int, str] = {}
@@ -240,20 +198,20 @@ def save_adapter(
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
-        "r": int(r),
-        "lora_alpha": _json_number(lora_alpha),
-        "lora_dropout": lora_dropout,
+        "r": int(hyperparams.r),
+        "lora_alpha": _json_number(hyperparams.lora_alpha),
+        "lora_dropout": hyperparams.lora_dropout,
         "target_modules": target_modules,
         "exclude_modules": None,
-        "use_rslora": use_rslora,
+        "use_rslora": hyperparams.use_rslora,
         "use_dora": False,
         "bias": "none",
         "lora_bias": False,
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "modules_to_save": list(meta.modules_to_save) or None,
-        "rank_pattern": _patterns(ranks, r),
-        "alpha_pattern": {k: _json_number(v) for k, v in _patterns(alphas, lora_alpha).items()},
+        "rank_pattern": dict(hyperparams.rank_pattern),
+        "alpha_pattern": {k: _json_number(v) for k, v in hyperparams.alpha_pattern.items()},
         "layers_to_transform": None,
         "layers_pattern": None,
         "layer_replication": None,
@@ -265,7 +223,7 @@ def save_adapter(
         },
     }
     os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})
+    write_safetensors(tensors, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
         f.write(json.dumps(config, indent=2, sort_keys=True))
 
@@ -275,8 +233,9 @@ def save_adapter(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def read_adapter_config(path: PathLike) -> dict:
-    """The validated ``adapter_config.json`` of an adapter directory (errors name the offending field)."""
+def read_adapter_config(path: PathLike) -> Tuple[dict, Hyperparams]:
+    """The validated ``adapter_config.json`` of an adapter directory (errors name the offending field), and the
+    LoRA settings it gives."""
     config_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no {CONFIG_NAME} in adapter directory {os.fspath(path)!r}")
@@ -287,11 +246,10 @@ def read_adapter_config(path: PathLike) -> dict:
             raise ValueError(f"{config_path}: not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
-    _validate_config(config, config_path)
-    return config
+    return config, _validate_config(config, config_path)
 
 
-def _validate_config(config: dict, where: str) -> None:
+def _validate_config(config: dict, where: str) -> Hyperparams:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise ValueError(f"{where}: peft_type={peft_type!r}; only 'LORA' adapters are supported")
@@ -321,23 +279,17 @@ def _validate_config(config: dict, where: str) -> None:
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(key) or {}, dict):
             raise ValueError(f"{where}: {key} must be an object {{pattern: value}}, got {config[key]!r}")
-    dropout = config.get("lora_dropout", 0.0)
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{where}: lora_dropout={dropout!r} must be a number in [0, 1)")
-    # PEFT writes ranks as JSON integers: anything else (0, "4", 4.0, true) is refused, for new and existing layers.
-    ranks = [("r", config["r"])] + [(f"rank_pattern[{k!r}]", v) for k, v in (config.get("rank_pattern") or {}).items()]
-    for name, value in ranks:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{where}: {name}={value!r} must be a positive integer (the LoRA rank)")
-    alphas = [("lora_alpha", config["lora_alpha"])]
-    alphas += [(f"alpha_pattern[{k!r}]", v) for k, v in (config.get("alpha_pattern") or {}).items()]
-    for name, value in alphas:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{where}: {name}={value!r} must be a finite number")
+    # PEFT writes ranks as JSON integers: 0, "4", 4.0 and true are refused. Every value is checked, also a pattern
+    # that no module matches, for new and existing layers alike.
+    hyperparams = Hyperparams.checked(
+        config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), config.get("use_rslora", False),
+        config.get("rank_pattern"), config.get("alpha_pattern"), where=f"{where}: ", check_patterns=True,
+    )
     mts = config.get("modules_to_save")
     check_regexes(config.get("target_modules"), config.get("exclude_modules"),
                   mts if isinstance(mts, (list, tuple)) else (), config.get("rank_pattern"),
                   config.get("alpha_pattern"), where=f"{where}: ")
+    return hyperparams
 
 
 def read_adapter_weights(path: PathLike) -> Dict[str, torch.Tensor]:
@@ -400,7 +352,7 @@ def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True) ->
     """Load the adapter in directory ``path`` (written by :func:`save_adapter` or PEFT's ``save_pretrained``) into
     ``model``, in place; returns ``model``.
 
-    * If ``model`` has no fused-lora layers yet, they are created first with :func:`~fused_lora.model.apply_lora` from
+    * If ``model`` has no fused-lora layers yet, they are created first with :func:`~fused_lora.apply_lora` from
       the config (``target_modules``, ``exclude_modules``, ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``,
       ``rank_pattern``, ``alpha_pattern``, ``modules_to_save``) -- the modules PEFT would adapt.
     * If it has some, they must be exactly the modules the file holds tensors for, with the config's ``r``,
@@ -421,12 +373,9 @@ def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True) ->
     (``TypeError``) or holding NaN / inf (``ValueError``).
     """
     model = unwrap_model(model)
-    config = read_adapter_config(path)
+    config, hyperparams = read_adapter_config(path)
     tensors = read_adapter_weights(path)
     where = os.fspath(path)
-    r, lora_alpha = config["r"], config["lora_alpha"]
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    use_rslora = bool(config.get("use_rslora", False))
     mts = list(config.get("modules_to_save") or [])
 
     existing = dict(lora_layers(model))
@@ -434,32 +383,28 @@ def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True) ->
     if existing:
         mts_names = resolve_modules_to_save(model, mts) if mts else []
         if mts_names:
-            _check_modules_to_save_not_shared(model, mts_names)
+            check_modules_to_save_not_shared(model, mts_names)
         shapes = {n: (tuple(l.lora_A.shape), tuple(l.lora_B.shape)) for n, l in existing.items()}
         for name, layer in existing.items():
-            want_r = pattern_value(rank_pattern, name, r)
-            want_alpha = pattern_value(alpha_pattern, name, lora_alpha)
-            want_scaling = lora_scaling(want_r, want_alpha, use_rslora)
-            if (layer.r, float(layer.lora_alpha), bool(layer.use_rslora)) != (want_r, float(want_alpha), use_rslora) \
-                    or not math.isclose(layer.scaling, want_scaling, rel_tol=1e-12, abs_tol=0.0):
+            want = hyperparams.for_module(name)
+            if not LayerHyperparams.of(layer).same_adapter_math(want) or layer.custom_scaling is not None:
                 raise ValueError(
                     f"{where}: layer {name!r} has r={layer.r}, lora_alpha={layer.lora_alpha}, "
-                    f"use_rslora={layer.use_rslora}, scaling={layer.scaling} but the adapter config gives r={want_r}, "
-                    f"lora_alpha={want_alpha}, use_rslora={use_rslora}, scaling={want_scaling}"
+                    f"use_rslora={layer.use_rslora}, scaling={layer.scaling} but the adapter config gives r={want.r}, "
+                    f"lora_alpha={want.lora_alpha}, use_rslora={want.use_rslora}, scaling={want.scaling}"
                 )
     else:
-        target_modules = config["target_modules"]
-        if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
-            target_modules = ALL_LINEAR
         plan = plan_lora(
-            model, target_modules, r=r, lora_alpha=lora_alpha, lora_dropout=float(config.get("lora_dropout", 0.0)),
-            use_rslora=use_rslora, modules_to_save=mts or None, exclude_modules=config.get("exclude_modules"),
-            rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+            model, config["target_modules"], r=hyperparams.r, lora_alpha=hyperparams.lora_alpha,
+            lora_dropout=hyperparams.lora_dropout, use_rslora=hyperparams.use_rslora, modules_to_save=mts or None,
+            exclude_modules=config.get("exclude_modules"), rank_pattern=hyperparams.rank_pattern,
+            alpha_pattern=hyperparams.alpha_pattern,
         )
         mts_names = plan.modules_to_save_names
-        shapes = {
-            t.name: ((t.r, t.module.in_features), (t.module.out_features, t.r)) for t in plan.targets
-        }
+        shapes = {}
+        for t in plan.targets:
+            r = t.hyperparams.r
+            shapes[t.name] = ((r, t.module.in_features), (t.module.out_features, r))
 
     lora, saved = _split_keys(tensors, mts_names, where)
     missing = [f"{PREFIX}{n}.{part}.weight" for n in shapes for part in ("lora_A", "lora_B")
@@ -491,11 +436,11 @@ def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True) ->
                 raise ValueError(f"{where}: {PREFIX}{name}.{k} has shape {list(t.shape)}, the module expects "
                                  f"{list(module_state[k].shape)}")
 
-    if plan is not None:
-        execute_plan(model, plan)
     meta = get_meta(model)
-    meta.modules_to_save += [m for m in mts if m not in meta.modules_to_save]
-    meta.modules_to_save_names += [n for n in mts_names if n not in meta.modules_to_save_names]
+    if plan is not None:
+        execute_plan(model, plan)  # also records the plan's modules_to_save
+    else:
+        meta.add_modules_to_save(mts, mts_names)
     meta.task_type = config.get("task_type")
     meta.base_model_name_or_path = config.get("base_model_name_or_path")
 
@@ -513,5 +458,5 @@ def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True) ->
     if cast:
         warnings.warn(f"load_adapter: adapter tensors were cast to the layers' dtype ({sorted(map(str, cast))})",
                       stacklevel=2)
-    _set_trainability(model, meta, adapters_trainable=is_trainable)
+    set_trainability(model, adapters_trainable=is_trainable)
     return model

@@ -89,8 +89,8 @@ _CHUNK_DRAWS = 1 << 18
 @functools.lru_cache(maxsize=8)
 def _draw_offsets(length: int, device: torch.device) -> torch.Tensor:
     """``0 .. length - 1`` as int32 on ``device``, made once and only ever read: every chunk's counters are these
-    plus the chunk's first counter. (The torch path asks for a mask per block of rows; a fresh ``arange`` per
-    call was a fifth of the hashing time.)"""
+    plus the chunk's first counter (the torch path asks for a mask per block of rows, and a fresh ``arange`` each
+    time would cost a large share of the hashing)."""
     return torch.arange(length, dtype=torch.int32, device=device)
 
 

@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
-from typing import List, Optional, Tuple, Union
+import inspect
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from . import _autoselect, torch_ops
 from ._backend import resolve_backend
+from .base import WEIGHT_KINDS, kind_of
 from .dropout import Dropout, seed_tensor
-from .nf4 import SUPPORTED_DTYPES as NF4_DTYPES
 from .nf4 import NF4Weight
+from .validation import FLOAT_DTYPES, check_alpha, check_dropout
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# An NF4 base dequantizes to (and so computes in) the format's dtypes; their order also encodes NF4Weight.dtype.
-_NF4_ACTIVATION_DTYPES = NF4_DTYPES
+
+
+class LoraGrads(NamedTuple):
+    """The gradients of the fused LoRA linear, in the one order used everywhere: the ``needs`` flags given to the
+    implementations (``torch_ops`` and the kernels), the tuples they return, and the custom backward operator."""
+
+    x: Optional[torch.Tensor]
+    weight: Optional[torch.Tensor]
+    lora_A: Optional[torch.Tensor]
+    lora_B: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
 
 
 def _select_backend(x: torch.Tensor, out_features: int) -> str:
@@ -112,76 +120,58 @@ def _refuse_double_backward(backward, ctx, grad_out):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The base weight crosses the operator boundary as a list of tensors plus integers: [W] for a dense weight, or the
-# NF4 tensors (packed codes, code table, then absmax or the nested statistics) with their shape and block sizes.
-# ----------------------------------------------------------------------------------------------------------------
-
-_DENSE, _NF4 = 0, 1
-
-
-def pack_weight(weight) -> Tuple[List[torch.Tensor], List[int]]:
-    """``(tensors, meta)`` describing a dense weight or an ``NF4Weight`` (inverse: :func:`unpack_weight`)."""
-    if isinstance(weight, NF4Weight):
-        stats = [weight.qabsmax, weight.absmax2, weight.code2, weight.offset] if weight.nested else [weight.absmax]
-        meta = [_NF4, weight.shape[0], weight.shape[1], weight.blocksize, weight.nested_blocksize,
-                _NF4_ACTIVATION_DTYPES.index(weight.dtype)]
-        return [weight.data, weight.code] + stats, meta
-    return [weight], [_DENSE]
-
-
-def unpack_weight(tensors: List[torch.Tensor], meta: List[int]):
-    if meta[0] == _DENSE:
-        return tensors[0]
-    _, out_f, in_f, blocksize, nested_blocksize, dtype_index = meta
-    common = dict(data=tensors[0], code=tensors[1], blocksize=blocksize, shape=(out_f, in_f),
-                  dtype=_NF4_ACTIVATION_DTYPES[dtype_index], nested_blocksize=nested_blocksize)
-    if len(tensors) == 3:
-        return NF4Weight(absmax=tensors[2], **common)
-    return NF4Weight(qabsmax=tensors[2], absmax2=tensors[3], code2=tensors[4], offset=tensors[5], **common)
-
-
-def _weight_shape(tensors: List[torch.Tensor], meta: List[int]) -> Tuple[int, int]:
-    return tuple(tensors[0].shape) if meta[0] == _DENSE else (meta[1], meta[2])
-
-
+# The base weight crosses the operator boundary flattened by its kind (fused_lora.base): the kind's name, a list of
+# tensors and a list of ints. Inside, the kind turns them into what the implementations take (tensors and ints).
+#
 # The forward and backward are registered as custom operators (with fake implementations for shape propagation),
 # so torch.compile captures a model using them in one graph (fullgraph=True) instead of breaking at the kernels.
 # The dropout seed travels as a 0-dim int64 CPU tensor: drawing it needs no graph break and no device sync.
+# ----------------------------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("fused_lora::lora_linear_forward", mutates_args=())
 def lora_linear_forward(
-    x: torch.Tensor, weight: List[torch.Tensor], weight_meta: List[int], lora_A: torch.Tensor, lora_B: torch.Tensor,
-    bias: Optional[torch.Tensor], scaling: float, dropout_p: float, seed: Optional[torch.Tensor], backend: str,
+    x: torch.Tensor, weight_kind: str, weight: List[Optional[torch.Tensor]], weight_ints: List[int],
+    lora_A: torch.Tensor, lora_B: torch.Tensor, bias: Optional[torch.Tensor], scaling: float, dropout_p: float,
+    seed: Optional[torch.Tensor], backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(y, xa)`` for 2-D x: ``y = x W^T + scaling * xa B^T + bias`` and ``xa = D(x) A^T``."""
-    return _run(backend, "lora_forward",
-                x, unpack_weight(weight, weight_meta), lora_A, lora_B, bias, scaling, _dropout(dropout_p, seed))
+    w = WEIGHT_KINDS[weight_kind].operands(weight, weight_ints)
+    return _run(backend, "lora_forward", x, w, lora_A, lora_B, bias, scaling, _dropout(dropout_p, seed))
 
 
 @lora_linear_forward.register_fake
-def _(x, weight, weight_meta, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
-    out_features = _weight_shape(weight, weight_meta)[0]
+def _(x, weight_kind, weight, weight_ints, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
+    out_features = WEIGHT_KINDS[weight_kind].flat_shape(weight, weight_ints)[0]
     return x.new_empty((x.shape[0], out_features)), x.new_empty((x.shape[0], lora_A.shape[0]))
 
 
 @torch.library.custom_op("fused_lora::lora_linear_backward", mutates_args=())
 def lora_linear_backward(
-    grad_out: torch.Tensor, x: torch.Tensor, weight: List[torch.Tensor], weight_meta: List[int],
-    lora_A: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scaling: float, dropout_p: float,
-    seed: Optional[torch.Tensor], backend: str, needs: List[bool],
+    grad_out: torch.Tensor, x: torch.Tensor, weight_kind: str, weight: List[Optional[torch.Tensor]],
+    weight_ints: List[int], lora_A: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scaling: float,
+    dropout_p: float, seed: Optional[torch.Tensor], backend: str, needs: List[bool],
 ) -> List[torch.Tensor]:
-    """``[dx, dW, dA, dB, dbias]``; an entry not flagged in ``needs`` is an empty tensor."""
-    grads = _run(backend, "lora_backward", grad_out, x, unpack_weight(weight, weight_meta), lora_A, lora_B, xa,
-                 scaling, _dropout(dropout_p, seed), tuple(needs))
+    """The gradients in :class:`LoraGrads` order; an entry not flagged in ``needs`` (same order) is an empty
+    tensor."""
+    w = WEIGHT_KINDS[weight_kind].operands(weight, weight_ints)
+    grads = _run(backend, "lora_backward", grad_out, x, w, lora_A, lora_B, xa, scaling, _dropout(dropout_p, seed),
+                 LoraGrads(*needs))
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @lora_linear_backward.register_fake
-def _(grad_out, x, weight, weight_meta, lora_A, lora_B, xa, scaling, dropout_p, seed, backend, needs):
-    out_features = _weight_shape(weight, weight_meta)[0]
-    shapes = (x.shape, _weight_shape(weight, weight_meta), lora_A.shape, lora_B.shape, (out_features,))
+def _(grad_out, x, weight_kind, weight, weight_ints, lora_A, lora_B, xa, scaling, dropout_p, seed, backend, needs):
+    weight_shape = WEIGHT_KINDS[weight_kind].flat_shape(weight, weight_ints)
+    shapes = LoraGrads(x.shape, weight_shape, lora_A.shape, lora_B.shape, (weight_shape[0],))
     return [x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs)]
+
+
+# FusedLoraFunction.forward's arguments after ctx, by name (the weight's tensors follow them); its backward returns
+# one gradient per argument by name, so nothing depends on positions. (Module level: torch.compile does not read
+# class attributes of autograd Functions.)
+_FUNCTION_ARGUMENTS = ("x", "lora_A", "lora_B", "bias", "scaling", "dropout_p", "seed", "backend", "weight_kind",
+                       "weight_ints")
 
 
 class FusedLoraFunction(torch.autograd.Function):
@@ -212,48 +202,60 @@ class FusedLoraFunction(torch.autograd.Function):
     the seed in backward. ``g`` is read once for both ``gb`` and ``dB`` (and ``dbias``) by the kernels.
 
 
-    Weights: ``weight_tensors`` / ``weight_meta`` hold a dense W (``[W]``) or an NF4 W (see :func:`pack_weight`).
-    An NF4 W is dequantized again in backward (never kept dense) and gets no gradient.
+    The base weight arrives flattened by its kind (``fused_lora.base``): ``weight_kind``, ``weight_ints`` and the
+    tensors ``*weight``. Only a dense W can get a gradient; an NF4 W is dequantized again in backward (never kept
+    dense).
     """
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, bias, scaling, dropout_p, seed, backend, weight_meta, *weight_tensors):
-        y, xa = lora_linear_forward(x, list(weight_tensors), weight_meta, lora_A, lora_B, bias, scaling, dropout_p,
-                                    seed, backend)
-        ctx.save_for_backward(x, lora_A, lora_B, xa, seed, *weight_tensors)
-        ctx.scaling, ctx.dropout_p, ctx.backend, ctx.weight_meta = scaling, dropout_p, backend, weight_meta
+    def forward(ctx, x, lora_A, lora_B, bias, scaling, dropout_p, seed, backend, weight_kind, weight_ints, *weight):
+        y, xa = lora_linear_forward(x, weight_kind, list(weight), weight_ints, lora_A, lora_B, bias, scaling,
+                                    dropout_p, seed, backend)
+        ctx.save_for_backward(x, lora_A, lora_B, xa, seed, *weight)
+        ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+        ctx.weight_kind, ctx.weight_ints = weight_kind, weight_ints
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # create_graph=True
             return _refuse_double_backward(FusedLoraFunction.backward, ctx, grad_out)
-        x, lora_A, lora_B, xa, seed, *weight_tensors = ctx.saved_tensors
-        need_dw = ctx.weight_meta[0] == _DENSE and ctx.needs_input_grad[9]
-        needs = [ctx.needs_input_grad[0], need_dw, *ctx.needs_input_grad[1:4]]
+        x, lora_A, lora_B, xa, seed, *weight = ctx.saved_tensors
+        n_args = len(_FUNCTION_ARGUMENTS)
+        requested = dict(zip(_FUNCTION_ARGUMENTS, ctx.needs_input_grad))
+        # the gradient of a differentiable weight kind belongs to its first (only) tensor
+        requested["weight"] = WEIGHT_KINDS[ctx.weight_kind].differentiable and ctx.needs_input_grad[n_args]
+        needs = LoraGrads(*(requested[name] for name in LoraGrads._fields))
         with _autocast_off(grad_out.device.type):
-            grads = lora_linear_backward(grad_out, x, weight_tensors, ctx.weight_meta, lora_A, lora_B, xa,
-                                         ctx.scaling, ctx.dropout_p, seed, ctx.backend, needs)
-        dx, dw, da, db, dbias = (g if need else None for g, need in zip(grads, needs))
-        return (dx, da, db, dbias, None, None, None, None, None, dw, *[None] * (len(weight_tensors) - 1))
+            computed = lora_linear_backward(grad_out, x, ctx.weight_kind, weight, ctx.weight_ints, lora_A, lora_B, xa,
+                                            ctx.scaling, ctx.dropout_p, seed, ctx.backend, list(needs))
+        grads = LoraGrads(*(g if need else None for g, need in zip(computed, needs)))
+        by_name = grads._asdict()
+        weight_grads = [grads.weight] + [None] * (len(weight) - 1)
+        return (*(by_name.get(name) for name in _FUNCTION_ARGUMENTS), *weight_grads)
 
 
-def _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p) -> None:
-    # Messages are formatted only on failure: this runs on every call (formatting them all cost ~60 us per call).
-    quantized = isinstance(weight, NF4Weight)
+# The gradients are routed by these names: they must be forward's parameters, in order.
+assert tuple(inspect.signature(FusedLoraFunction.forward).parameters)[1:-1] == _FUNCTION_ARGUMENTS
+
+def _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p):
+    """The checks of every call; returns the weight's kind (fused_lora.base). Messages are formatted only on
+    failure (formatting them all cost ~60 us per call)."""
     names = {"x": x, "lora_A": lora_A, "lora_B": lora_B}
-    if not quantized:
+    if isinstance(weight, torch.Tensor):  # a dense weight: dtype and device checked with the other tensors
         names["weight"] = weight
     if bias is not None:
         names["bias"] = bias
     for name, t in names.items():
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor{' (or an NF4Weight)' if name == 'weight' else ''}, "
-                            f"got {type(t).__name__}")
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    try:
+        kind = kind_of(weight)
+    except TypeError:
+        raise TypeError(f"weight must be a torch.Tensor (or an NF4Weight), got {type(weight).__name__}") from None
     if x.dim() < 1:
         raise ValueError("x must have shape [..., in_features]; got a 0-dim tensor")
-    if not quantized and weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {list(weight.shape)}")
+    kind.check_value(weight, x)
     out_features, in_features = weight.shape
     if lora_A.dim() != 2:
         raise ValueError(f"lora_A must be 2-D [r, in_features], got shape {list(lora_A.shape)}")
@@ -271,7 +273,7 @@ def _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p) -> None:
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias has shape {list(bias.shape)}; expected [{out_features}]")
     for name, t in names.items():
-        if t.dtype not in _SUPPORTED_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16 (float64 on the "
                             "torch backend)")
         if t.dtype != x.dtype:
@@ -279,15 +281,9 @@ def _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p) -> None:
                             "bias must share one dtype (cast the module with .to(dtype), or run under torch.autocast)")
         if t.device != x.device:
             raise ValueError(f"device mismatch: x is on {x.device} but {name} is on {t.device}")
-    if quantized:
-        if x.dtype not in _NF4_ACTIVATION_DTYPES:
-            raise TypeError(f"an NF4 weight computes in float32, float16 or bfloat16, got x of dtype {x.dtype}")
-        if weight.device != x.device:
-            raise ValueError(f"device mismatch: x is on {x.device} but the NF4 weight is on {weight.device}")
-    if not (isinstance(scaling, numbers.Real) and math.isfinite(scaling)):
-        raise ValueError(f"scaling must be a finite real number, got {scaling!r}")
-    if not (isinstance(dropout_p, numbers.Real) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    check_alpha(scaling, "scaling")
+    check_dropout(dropout_p, "dropout_p")
+    return kind
 
 
 def fused_lora_linear(
@@ -325,7 +321,7 @@ def fused_lora_linear(
         x, weight, lora_A, lora_B, bias = (
             t.to(cast) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
             for t in (x, weight, lora_A, lora_B, bias))
-    _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
+    kind = _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
     _refuse_transforms((x, weight if isinstance(weight, torch.Tensor) else None, lora_A, lora_B, bias))
 
     p = float(dropout_p) if training else 0.0
@@ -336,10 +332,10 @@ def fused_lora_linear(
     # in_features == 0 (as nn.Linear(0, N) allows): -1 cannot be inferred from zero elements, so count the rows
     x2 = x.reshape(-1, in_features) if in_features else x.reshape(lead.numel(), 0)
     backend = _select_backend(x2, out_features)
-    weight_tensors, weight_meta = pack_weight(weight)
+    weight_tensors, weight_ints = kind.flatten(weight)
     with _autocast_off(x.device.type):
-        y = FusedLoraFunction.apply(x2, lora_A, lora_B, bias, float(scaling), p, seed_t, backend, weight_meta,
-                                    *weight_tensors)
+        y = FusedLoraFunction.apply(x2, lora_A, lora_B, bias, float(scaling), p, seed_t, backend, kind.kind,
+                                    weight_ints, *weight_tensors)
     if x.dim() == 2:
         return y
     # y is a fresh tensor nobody else views: give it its [..., out] shape without making it a view (as matmul does),

@@ -58,7 +58,7 @@ import json
 import numbers
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -68,7 +68,9 @@ __all__ = [
     "BLOCKSIZES",
     "NESTED_BLOCKSIZE",
     "NF4_CODE",
+    "NF4Operands",
     "NF4Weight",
+    "dequantize_operands",
     "dynamic_map",
     "quantize_nf4",
 ]
@@ -141,11 +143,11 @@ def dynamic_map(device: Optional[Union[str, torch.device]] = None) -> torch.Tens
 
 
 @functools.lru_cache(maxsize=8)
-def _quantize_lut(code_bytes: bytes) -> torch.Tensor:
+def _quantize_lut(code_values: Tuple[float, ...]) -> torch.Tensor:
     """bitsandbytes' CPU lookup table for 8-bit blockwise quantization against a sorted 256-entry ``code``:
     ``lut[i]`` = number of midpoints ``(code[j] + code[j+1]) * 0.5`` strictly below ``f32(2i / 65535) - 1``.
-    (int64 [65536], on the CPU; keyed by the code's bytes.)"""
-    code = torch.frombuffer(bytearray(code_bytes), dtype=torch.float32)
+    (int64 [65536], on the CPU; keyed by the code's values, which fp32 -> Python float keeps exactly.)"""
+    code = torch.tensor(code_values, dtype=torch.float32)
     midpoints = (code[:-1] + code[1:]) * 0.5
     i2 = torch.arange(_LUT_BINS, dtype=torch.float64) * 2.0
     # f32(2i / 65535): the float64 quotient rounded to fp32 is the correctly rounded fp32 quotient (double rounding
@@ -168,7 +170,7 @@ def _quantize_blockwise_8bit(y: torch.Tensor, code: torch.Tensor, blocksize: int
     # is exact in float64 (< 2**17 with 42 significant bits); .to(float32) rounds it to nearest even once.
     index = (t.double() * float(_LUT_BINS - 1) + 0.5).to(torch.float32)
     index = torch.nan_to_num_(index, nan=0.0).to(torch.int64)  # NaN (0 / 0 in an all-zero block) -> bin 0, as in C++
-    lut = _quantize_lut(code.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    lut = _quantize_lut(tuple(code.detach().to("cpu", torch.float32).tolist()))
     q = lut[index]
     q[absmax == 0] = 0  # all-zero block: codes 0, never divided
     return q.reshape(-1)[:n].to(torch.uint8), absmax
@@ -243,6 +245,59 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
                      offset=offset.to(device), nested_blocksize=NESTED_BLOCKSIZE, **common)
 
 
+class NF4Operands(NamedTuple):
+    """What the implementations (the Triton kernels and the torch path) need of an NF4 weight: tensors and ints.
+
+    ``packed``: the codes as :attr:`NF4Weight.data` stores them (uint8 ``((n + 1) // 2, 1)``, any layout with one
+    flat stride); ``code``: the fp32 ``[16]`` table; ``absmax``: the fp32 per-block absmax, already decoded
+    (:func:`decode_absmax`); ``blocksize``; ``shape``: ``(out, in)``."""
+
+    packed: torch.Tensor
+    code: torch.Tensor
+    absmax: torch.Tensor
+    blocksize: int
+    shape: Tuple[int, int]
+
+
+def decode_absmax(n_blocks: int, absmax: Optional[torch.Tensor], qabsmax: Optional[torch.Tensor] = None,
+                  absmax2: Optional[torch.Tensor] = None, code2: Optional[torch.Tensor] = None,
+                  offset: Optional[torch.Tensor] = None, nested_blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
+    """The fp32 per-block absmax ``[n_blocks]``: ``absmax`` itself, or for double quantization
+    ``f32(f32(code2[qabsmax] * absmax2[b // nested_blocksize]) + offset)`` (two roundings, as bitsandbytes)."""
+    if qabsmax is None:
+        return absmax
+    n_groups = absmax2.numel()
+    vals = torch.zeros(n_groups * nested_blocksize, dtype=torch.float32, device=qabsmax.device)
+    vals[:n_blocks] = code2[qabsmax.long()]
+    scaled = (vals.view(n_groups, nested_blocksize) * absmax2[:, None]).reshape(-1)[:n_blocks]
+    return scaled + offset
+
+
+def dequantize_operands(w: NF4Operands, dtype: torch.dtype) -> torch.Tensor:
+    """The dense ``[out, in]`` weight in ``dtype`` on the torch path: ``f32(code[nibble] * absmax[block])`` rounded
+    once to ``dtype`` (the format's definition, bit-identical to bitsandbytes and to the Triton kernel)."""
+    n = w.shape[0] * w.shape[1]
+    bs = w.blocksize
+    nb = w.absmax.numel()
+    # byte -> (code[high nibble], code[low nibble]): one gather per byte yields both elements, in order
+    byte = torch.arange(256, device=w.packed.device)
+    pairs = torch.stack([w.code[byte >> 4], w.code[byte & 0xF]], dim=1)
+    vals = pairs.index_select(0, w.packed.reshape(-1).long()).reshape(-1)
+    if vals.numel() != nb * bs:  # odd n (one padding code) and / or a partial last block
+        vals = torch.nn.functional.pad(vals[:n], (0, nb * bs - n))
+    out = vals.view(nb, bs).mul_(w.absmax[:, None]).reshape(-1)[:n]
+    return out.view(w.shape).to(dtype)
+
+
+class _FlatMeta(NamedTuple):
+    """The integers of a flattened NF4 weight (:meth:`NF4Weight.flatten`)."""
+
+    out_features: int
+    in_features: int
+    blocksize: int
+    nested_blocksize: int
+
+
 def bitsandbytes_classes(obj) -> set:
     """Names of the bitsandbytes classes ``obj`` is an instance of (e.g. ``{"Linear4bit", "LinearNF4"}``); empty
     for anything else. Needs no import of bitsandbytes (a bitsandbytes object implies it is loaded)."""
@@ -279,6 +334,10 @@ class NF4Weight:
     code2: Optional[torch.Tensor] = None
     offset: Optional[torch.Tensor] = None
     nested_blocksize: int = NESTED_BLOCKSIZE
+
+    # The tensor fields, in the order of :meth:`flatten` (the one list of them: modules holding an NF4 weight in
+    # buffers iterate it too).
+    TENSOR_FIELDS = ("data", "code", "absmax", "qabsmax", "absmax2", "code2", "offset")
 
     def __post_init__(self):
         self.shape = tuple(int(s) for s in self.shape)
@@ -349,8 +408,37 @@ class NF4Weight:
         return sum(t.numel() * t.element_size() for t in self._tensors().values())
 
     def _tensors(self) -> Dict[str, torch.Tensor]:
-        names = ("data", "code", "absmax", "qabsmax", "absmax2", "code2", "offset")
-        return {k: getattr(self, k) for k in names if isinstance(getattr(self, k), torch.Tensor)}
+        return {k: getattr(self, k) for k in self.TENSOR_FIELDS if isinstance(getattr(self, k), torch.Tensor)}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the custom-operator boundary: tensors and integers only
+
+    def flatten(self) -> Tuple[List[Optional[torch.Tensor]], List[int]]:
+        """``(tensors, ints)``: the tensor fields in :data:`TENSOR_FIELDS` order (None where absent) and the integers
+        that :meth:`operands_from_flat` needs. The original dtype stays behind: the computation uses the
+        activations' dtype."""
+        meta = _FlatMeta(self.shape[0], self.shape[1], self.blocksize, self.nested_blocksize)
+        return [getattr(self, k) for k in self.TENSOR_FIELDS], list(meta)
+
+    @classmethod
+    def operands_from_flat(cls, tensors: List[Optional[torch.Tensor]], ints: List[int]) -> NF4Operands:
+        """The :class:`NF4Operands` of a flattened weight (the statistics decoded here, on every call: n / blocksize
+        values, cheaper than keeping them decoded)."""
+        f = dict(zip(cls.TENSOR_FIELDS, tensors))
+        meta = _FlatMeta(*ints)
+        n_blocks = -(-meta.out_features * meta.in_features // meta.blocksize)
+        absmax = decode_absmax(n_blocks, f["absmax"], f["qabsmax"], f["absmax2"], f["code2"], f["offset"],
+                               meta.nested_blocksize)
+        return NF4Operands(f["data"], f["code"], absmax, meta.blocksize, (meta.out_features, meta.in_features))
+
+    @staticmethod
+    def flat_shape(ints: List[int]) -> Tuple[int, int]:
+        meta = _FlatMeta(*ints)
+        return meta.out_features, meta.in_features
+
+    def operands(self) -> NF4Operands:
+        """What the kernels and the torch path take (see :class:`NF4Operands`)."""
+        return self.operands_from_flat(*self.flatten())
 
     def __repr__(self) -> str:
         stats = (f"double-quant (absmax 8-bit, nested blocksize {self.nested_blocksize})" if self.nested
@@ -385,16 +473,9 @@ class NF4Weight:
     # dequantization
 
     def absmax_fp32(self) -> torch.Tensor:
-        """The decoded per-block absmax, fp32 ``[n_blocks]``: ``absmax`` itself, or for a nested weight
-        ``f32(f32(code2[qabsmax] * absmax2[b // nested_blocksize]) + offset)`` (two roundings, as bitsandbytes)."""
-        if not self.nested:
-            return self.absmax
-        nb, nbs = self.n_blocks, self.nested_blocksize
-        n_groups = self.absmax2.numel()
-        vals = torch.zeros(n_groups * nbs, dtype=torch.float32, device=self.device)
-        vals[:nb] = self.code2[self.qabsmax.long()]
-        scaled = (vals.view(n_groups, nbs) * self.absmax2[:, None]).reshape(-1)[:nb]
-        return scaled + self.offset
+        """The decoded per-block absmax, fp32 ``[n_blocks]`` (see :func:`decode_absmax`)."""
+        return decode_absmax(self.n_blocks, self.absmax, self.qabsmax, self.absmax2, self.code2, self.offset,
+                             self.nested_blocksize)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The ``[out, in]`` weight in ``dtype`` (default: the original dtype), bit-identical to
@@ -429,16 +510,8 @@ class NF4Weight:
         return nf4_dequantize(self.data, self.code, self.absmax, self.shape, self.blocksize, dtype, out=out)
 
     def dequantize_torch(self, dtype: torch.dtype) -> torch.Tensor:
-        """``dequantize`` on the torch path, whatever the backend setting (used by the torch implementation)."""
-        n, bs, nb = self.numel, self.blocksize, self.n_blocks
-        # byte -> (code[high nibble], code[low nibble]): one gather per byte yields both elements, in order
-        byte = torch.arange(256, device=self.device)
-        pairs = torch.stack([self.code[byte >> 4], self.code[byte & 0xF]], dim=1)
-        vals = pairs.index_select(0, self.data.reshape(-1).long()).reshape(-1)
-        if vals.numel() != nb * bs:  # odd n (one padding code) and / or a partial last block
-            vals = torch.nn.functional.pad(vals[:n], (0, nb * bs - n))
-        w = vals.view(nb, bs).mul_(self.absmax_fp32()[:, None]).reshape(-1)[:n]
-        return w.view(self.shape).to(dtype)
+        """``dequantize`` on the torch path, whatever the backend setting."""
+        return dequantize_operands(self.operands(), dtype)
 
     # ------------------------------------------------------------------------------------------------------------
     # bitsandbytes interop

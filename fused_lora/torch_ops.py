@@ -13,8 +13,7 @@ Half precision on the CPU follows one of two compute policies (:func:`set_cpu_ha
 
 * ``"fp32"``: the products are computed in fp32 and rounded once to the activation dtype -- what a native
   half-precision GEMM with fp32 accumulation computes, only faster where the CPU has no bf16/fp16 matrix units (no
-  AVX512-BF16 / AMX): PyTorch's half-precision matmuls there are 10-150x slower than fp32 (measured
-  2048x1024x1024 on an AVX2 Zen 3: fp32 35 ms, bf16 250 ms to 5.4 s depending on layout).
+  AVX512-BF16 / AMX): PyTorch's half-precision matmuls there are 10-150x slower than fp32.
 * ``"native"``: the products run in the activation dtype (PyTorch's own half-precision GEMMs).
 * ``"auto"`` (default): ``"native"`` where the CPU has native units for the dtype, ``"fp32"`` elsewhere.
 
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 
 from ._settings import Setting
 from .dropout import Dropout
-from .nf4 import NF4Weight
+from .nf4 import NF4Operands, dequantize_operands
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -90,10 +89,10 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def dense_weight(weight, dtype: torch.dtype) -> torch.Tensor:
-    """W as a dense tensor: itself, or an ``NF4Weight`` dequantized to ``dtype`` (the activation dtype, so the
-    values are bitsandbytes' dequantized weights, as the kernels use them) -- a transient copy."""
-    if isinstance(weight, NF4Weight):
-        return weight.dequantize_torch(dtype)
+    """W as a dense tensor: itself, or NF4 operands dequantized to ``dtype`` (the activation dtype, so the values
+    are bitsandbytes' dequantized weights, as the kernels use them) -- a transient copy."""
+    if isinstance(weight, NF4Operands):
+        return dequantize_operands(weight, dtype)
     return weight
 
 
@@ -106,8 +105,8 @@ def lora_forward(
     scaling: float,
     dropout: Optional[Dropout],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``y = x @ W^T + scaling * xa @ B^T + bias`` with ``xa = D(x) @ A^T``, for 2-D x; ``weight`` dense or an
-    ``NF4Weight``. Returns ``(y, xa)``."""
+    """``y = x @ W^T + scaling * xa @ B^T + bias`` with ``xa = D(x) @ A^T``, for 2-D x; ``weight`` a dense tensor
+    or :class:`~fused_lora.nf4.NF4Operands`. Returns ``(y, xa)``."""
     dtype, cdt = x.dtype, compute_dtype(x)
     xc, ac = x.to(cdt), lora_A.to(cdt)
     bc = None if bias is None else bias.to(cdt)
@@ -123,12 +122,11 @@ def lora_forward(
 
 
 # With dropout, the masked products run over blocks of rows: each block's 0/1 mask is generated into one reused
-# buffer of about _MASK_BLOCK_BYTES, applied and consumed while it is in cache -- never an [M, K] mask (8 MiB at
-# 2048 x 1024 in fp32, whose first touch alone costs page faults comparable to a rank-16 product on CPU). The
-# base GEMMs and the unmasked products stay whole: splitting them by rows as well measured no faster at
-# 2048 x 1024 x 1024 and much slower at 1024 x 4096 x 4096 (1.28x base instead of 1.10x; 2-core Zen 3). The dA
-# partial sums accumulate in the compute dtype, so only fp32 compute is split: half-precision compute (CUDA,
-# CPUs with native bf16 GEMMs) takes the whole mask in one block and dA stays one product with fp32 accumulation.
+# buffer of about _MASK_BLOCK_BYTES, applied and consumed while it is in cache -- never an [M, K] mask, whose first
+# touch alone costs as much as a rank-16 product on a CPU. The base GEMMs stay whole (splitting them is slower;
+# benchmarks/README.md). The dA partial sums accumulate in the compute dtype, so only fp32 compute is split:
+# half-precision compute (CUDA, CPUs with native bf16 GEMMs) takes the whole mask in one block and dA stays one
+# product with fp32 accumulation.
 _MASK_BLOCK_BYTES = 1 << 20
 
 
@@ -190,10 +188,10 @@ def lora_backward(
     dropout: Optional[Dropout],
     needs: Tuple[bool, bool, bool, bool, bool],
 ) -> Tuple[Optional[torch.Tensor], ...]:
-    """Gradients ``(dx, dW, dA, dB, dbias)`` for the inputs flagged in ``needs`` (None for the others).
+    """Gradients ``(dx, dweight, dlora_A, dlora_B, dbias)`` (``fused_lora.functional.LoraGrads`` order) for the
+    inputs flagged in ``needs`` (same order; None for the others). ``weight``: a dense tensor or NF4 operands.
 
-    Everything that reads g runs back to back, then the one product that reads x, for cache reuse (unlike the
-    forward's order, its effect on the 2-core benchmark machine was within the noise)."""
+    Everything that reads g runs back to back, then the one product that reads x, for cache reuse."""
     need_dx, need_dw, need_da, need_db, need_dbias = needs
     dtype, cdt = x.dtype, compute_dtype(x)
     g = grad_out.to(cdt)

@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from fused_lora import apply_lora, lora_layers
 from fused_lora.adapters import CONFIG_NAME, SAFETENSORS_NAME, load_adapter, save_adapter
-from fused_lora.model import apply_lora, lora_layers
 
 from helpers import assert_close_fp32
 

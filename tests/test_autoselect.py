@@ -164,10 +164,9 @@ def test_a_candidate_out_of_memory_while_timed_loses():
 def test_function_accepts_plain_backend_names_and_refuses_others():
     """FusedLoraFunction.apply takes a resolved backend: "torch" alone uses the policy in force."""
     inp = make_inputs(4, 6, 5, 2, torch.float32, "cpu")
-    meta = [0]
     y = functional.FusedLoraFunction.apply(inp["x"], inp["lora_A"], inp["lora_B"], None, 1.0, 0.0, None, "torch",
-                                           meta, inp["weight"])
+                                           "dense", [], inp["weight"])
     assert_close_fp32(y, lora_reference(inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], None, 1.0, None, 0.0))
     with pytest.raises(ValueError, match="backend='auto': expected 'triton', 'fastest' or 'torch"):
         functional.FusedLoraFunction.apply(inp["x"], inp["lora_A"], inp["lora_B"], None, 1.0, 0.0, None, "auto",
-                                           meta, inp["weight"])
+                                           "dense", [], inp["weight"])

@@ -30,8 +30,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fused_lora import FusedLoraLinear
-from fused_lora.model import apply_lora, lora_layers
+from fused_lora import FusedLoraLinear, apply_lora, lora_layers
 
 from helpers import assert_close_fp32
 

@@ -12,9 +12,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fused_lora import FusedLoraLinear, NF4Weight, fused_lora_linear, quantize_nf4, use_backend
+from fused_lora import (
+    FusedLoraLinear,
+    NF4Weight,
+    apply_lora,
+    fused_lora_linear,
+    lora_layers,
+    quantize_nf4,
+    use_backend,
+)
 from fused_lora.adapters import CONFIG_NAME, SAFETENSORS_NAME, load_adapter, save_adapter
-from fused_lora.model import apply_lora, lora_layers
 
 from conftest import DEVICE_BACKENDS
 

@@ -464,7 +464,7 @@ def _valid(**over):
         (dict(lora_A=torch.randn(2, 8, dtype=torch.float64)), TypeError, r"dtype mismatch: x is torch.float32 but lora_A is torch.float64"),
         (dict(x=torch.randn(4, 8).half()), TypeError, r"dtype mismatch"),
         (dict(x=torch.randint(0, 3, (4, 8))), TypeError, r"x has dtype torch.int64"),
-        (dict(scaling=float("nan")), ValueError, r"scaling must be a finite"),
+        (dict(scaling=float("nan")), ValueError, r"scaling=nan must be a finite number"),
         (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
         (dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)"),
         (dict(x=[[1.0] * 8]), TypeError, r"x must be a torch.Tensor"),

@@ -148,8 +148,8 @@ def test_eval_mode_disables_dropout_and_train_mode_applies_it():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(r=0), "rank r must be a positive int"),
-    (dict(r=2.5), "rank r must be a positive int"),
+    (dict(r=0), r"r=0 must be a positive integer \(the LoRA rank\)"),
+    (dict(r=2.5), r"r=2\.5 must be a positive integer \(the LoRA rank\)"),
     (dict(lora_dropout=1.0), r"lora_dropout must be in \[0, 1\)"),
     (dict(lora_dropout=-0.2), r"lora_dropout must be in \[0, 1\)"),
 ])

@@ -1,5 +1,5 @@
-"""Model-level API (fused_lora.model): apply_lora's module selection and freezing against PEFT's get_peft_model,
-parameter counts, training parity with PEFT, from_peft, merge_and_unload, and the error cases.
+"""Model-level API: apply_lora's module selection and freezing against PEFT's get_peft_model, parameter counts,
+training parity with PEFT, from_peft, merge_and_unload, and the error cases.
 
 Models: a tiny random Llama built from a config (nothing downloaded) and small hand-written modules.
 
@@ -22,8 +22,8 @@ import pytest
 import torch
 from torch import nn
 
-from fused_lora import FusedLoraLinear
-from fused_lora.model import (
+from fused_lora import (
+    FusedLoraLinear,
     apply_lora,
     from_peft,
     lora_layers,

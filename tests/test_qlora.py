@@ -11,7 +11,7 @@ import torch
 import torch._dynamo
 from torch import nn
 
-from fused_lora import FusedLoraLinear, FusedLoraLinearNF4, apply_lora, from_peft, merge_and_unload, use_backend
+from fused_lora import FusedLoraLinear, apply_lora, from_peft, merge_and_unload, use_backend
 from fused_lora.dropout import Dropout
 from fused_lora.nf4 import quantize_nf4
 
@@ -123,8 +123,8 @@ def test_nf4_layer_keeps_only_the_packed_weight(device, backend):
     """About 0.5 byte per weight plus statistics; no dense copy is kept, nor saved for backward."""
     K, N = 256, 128
     layer = _nf4_layer(0, K, N, 8, torch.float32, device)
-    assert layer.weight is None and isinstance(layer, FusedLoraLinearNF4) and layer.quantized
-    base_bytes = sum(b.numel() * b.element_size() for name, b in layer.named_buffers() if name.startswith("nf4_"))
+    assert layer.weight is None and layer.quantized
+    base_bytes = sum(b.numel() * b.element_size() for b in layer.base.buffers())
     n = N * K
     # packed codes (n/2) + 8-bit absmax (n/64) + absmax2 (n/64/256 fp32) + code2 (1 KiB) + code (64 B) + offset
     assert base_bytes == n // 2 + n // 64 + 4 * -(-n // 64 // 256) + 1024 + 64 + 4
@@ -155,7 +155,7 @@ def _bnb_linear4bit(K, N, compute_dtype, seed, bias=True):
 def test_from_bnb_reads_the_packed_weight_as_it_is():
     lin = _bnb_linear4bit(96, 40, torch.float32, seed=3)
     layer = FusedLoraLinear.from_bnb(lin, r=4, lora_alpha=8)
-    assert layer.nf4_data.data_ptr() == lin.weight.data.data_ptr()  # shared, not re-quantized
+    assert layer.nf4_weight.data.data_ptr() == lin.weight.data.data_ptr()  # shared, not re-quantized
     assert layer.bias is lin.bias and layer.compute_dtype == torch.float32
     expect = bnb_oracle.dequantize(lin.weight.data, lin.weight.quant_state, torch.float32)
     assert torch.equal(layer.base_weight(torch.float32), expect)
@@ -207,7 +207,7 @@ def test_merge_requantizes_and_unmerge_restores_the_codes():
     x = torch.randn(5, 128)
     layer.merge()
     expect = quantize_nf4(original_w + delta, blocksize=64, double_quant=True)
-    assert torch.equal(layer.nf4_data, expect.data) and torch.equal(layer.nf4_qabsmax, expect.qabsmax)
+    assert torch.equal(layer.nf4_weight.data, expect.data) and torch.equal(layer.nf4_weight.qabsmax, expect.qabsmax)
     torch.testing.assert_close(layer(x), nn.functional.linear(x, expect.dequantize(torch.float32), layer.bias),
                                rtol=0, atol=0)
     # unmerge gives back the pre-merge codes, and cycles do not compound the re-quantization error
@@ -231,7 +231,7 @@ def test_nf4_unmerge_of_a_layer_loaded_merged_requantizes_with_a_warning():
         dst.unmerge()
     back = quantize_nf4(src.nf4_weight.dequantize(torch.float32) - src.delta_weight(), blocksize=64,
                         double_quant=True)
-    assert torch.equal(dst.nf4_data, back.data)
+    assert torch.equal(dst.nf4_weight.data, back.data)
     # one more re-quantization: each weight moves by at most half an NF4 level gap of its block (the largest gap
     # is 1 - 0.7229568 = 0.277 of the block's absmax), twice
     err = (dst.base_weight(torch.float32) - original_w).abs().max()
@@ -241,7 +241,7 @@ def test_nf4_unmerge_of_a_layer_loaded_merged_requantizes_with_a_warning():
 def test_state_dict_round_trip():
     src = _nf4_layer(0, 100, 48, 4, torch.float32, "cpu", seed=1)
     dst = _nf4_layer(0, 100, 48, 4, torch.float32, "cpu", seed=2)
-    assert not torch.equal(src.nf4_data, dst.nf4_data)
+    assert not torch.equal(src.nf4_weight.data, dst.nf4_weight.data)
     dst.load_state_dict(src.state_dict())
     for name, buf in src.named_buffers():
         assert torch.equal(buf, dict(dst.named_buffers())[name]), name
@@ -291,7 +291,7 @@ def test_apply_lora_quantize_nf4():
     model = _Tiny()
     reference = copy.deepcopy(model)
     apply_lora(model, ["up", "down"], r=4, lora_alpha=8, quantize="nf4")
-    assert isinstance(model.up, FusedLoraLinearNF4) and isinstance(model.down, FusedLoraLinearNF4)
+    assert model.up.quantized and model.down.quantized
     assert isinstance(model.head, nn.Linear) and not isinstance(model.head, FusedLoraLinear)
     # B = 0: the model equals the original with its two linears replaced by their dequantized NF4 weights
     with torch.no_grad():
@@ -308,7 +308,7 @@ def test_apply_lora_adapts_bitsandbytes_linear4bit_and_refuses_fp4():
     model = _to_bnb(_Tiny(), ["up", "down"])
     packed = model.up.weight.data.data_ptr()
     apply_lora(model, ["up", "down"], r=4, lora_alpha=8)
-    assert isinstance(model.up, FusedLoraLinearNF4) and model.up.nf4_data.data_ptr() == packed
+    assert model.up.quantized and model.up.nf4_weight.data.data_ptr() == packed
     fp4 = nn.Sequential(bnb.nn.Linear4bit(16, 16, quant_type="fp4").to("cpu"))
     with pytest.raises(TypeError, match="quant_type='fp4'"):
         apply_lora(fp4, ["0"])
@@ -339,7 +339,7 @@ def test_qlora_training_matches_peft_and_from_peft():
     assert_close_fp32(ours(ids), theirs(ids), "logits before training")
 
     converted = from_peft(copy.deepcopy(theirs))
-    assert isinstance(converted.up, FusedLoraLinearNF4)
+    assert isinstance(converted.up, FusedLoraLinear) and converted.up.quantized
     assert_close_fp32(converted(ids), theirs(ids), "from_peft logits")
 
     losses = []
@@ -428,7 +428,7 @@ def test_tiny_llama_on_a_4bit_base_trains_like_peft():
             warnings.simplefilter("ignore")
             theirs = peft_lora(copy.deepcopy(base), target_modules=LLAMA_TARGETS, r=8, lora_alpha=16, lora_dropout=p)
         ours = apply_lora(copy.deepcopy(base), LLAMA_TARGETS, r=8, lora_alpha=16, lora_dropout=p)
-        assert sum(isinstance(m, FusedLoraLinearNF4) for m in ours.modules()) == 2 * len(LLAMA_TARGETS)
+        assert sum(isinstance(m, FusedLoraLinear) and m.quantized for m in ours.modules()) == 2 * len(LLAMA_TARGETS)
         copy_peft_adapters_into_ours(theirs, ours)
         peft_losses = train(theirs, batch, steps=5)
         our_losses = train(ours, batch, steps=5)

@@ -61,7 +61,7 @@ def test_load_adapter_into_merged_layers(tmp_path, quantize):
         assert torch.equal(layer.lora_A, source.get_submodule(name).lora_A)
         if quantize:
             requantized = quantize_nf4(original[name] + layer.delta_weight(), blocksize=64, double_quant=True)
-            assert torch.equal(layer.nf4_data, requantized.data), name
+            assert torch.equal(layer.nf4_weight.data, requantized.data), name
     if quantize is None:  # merged dense layers compute x (W + dW) in one GEMM: fp32 rounding
         assert_close_fp32(model(x), expect(x).detach(), "outputs after loading into merged layers")
     for name, layer in fused_lora.lora_layers(model):
@@ -119,18 +119,25 @@ def test_two_lora_layers_on_one_weight_and_views_of_a_larger_weight():
         with pytest.raises(RuntimeError, match="tied weights"):
             layer.merge()
     # slices of one fused [q; k; v] buffer: disjoint views do not count; a module holding the whole buffer does
-    qkv = nn.Parameter(torch.randn(48, 16), requires_grad=False)
-    model = nn.Module()
-    model.q, model.k = nn.Linear(16, 16), nn.Linear(16, 16)
-    model.q.weight, model.k.weight = nn.Parameter(qkv[:16]), nn.Parameter(qkv[16:32])
+    def fused_qkv(hold_buffer):
+        qkv = nn.Parameter(torch.randn(48, 16), requires_grad=False)
+        model = nn.Module()
+        model.q, model.k = nn.Linear(16, 16), nn.Linear(16, 16)
+        model.q.weight, model.k.weight = nn.Parameter(qkv[:16]), nn.Parameter(qkv[16:32])
+        if hold_buffer:
+            model.register_buffer("qkv", qkv)
+        return model
+
+    model = fused_qkv(hold_buffer=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         apply_lora(model, ["q", "k"], r=2)
     assert model.q.weight_shared_with == () and model.k.weight_shared_with == ()
     model.q.merge()
-    model.register_buffer("qkv", qkv)
+    model = fused_qkv(hold_buffer=True)
     with pytest.warns(UserWarning, match="k: the base weight is shared with qkv"):
-        fused_lora.model._record_shared_weights(model, ["k"])
+        apply_lora(model, ["k"], r=2)
+    assert model.k.weight_shared_with == ("qkv",)
     with pytest.raises(RuntimeError, match="tied weights"):
         model.k.merge()
 

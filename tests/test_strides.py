@@ -65,9 +65,11 @@ LAYOUTS = ("expanded", "strided", "transposed", "offset")
 DENSE_ARGS = ("x", "weight", "lora_A", "lora_B", "bias", "grad")
 NF4_ARGS = {"nf4": ("data", "code", "absmax"), "nf4-nested": ("data", "code", "qabsmax", "absmax2", "code2", "offset")}
 # The GEMMs get a nested weight's packed codes and code table exactly as a plain weight's (with its absmax decoded
-# by NF4Weight.absmax_fp32): only its statistics are new arguments there. The dequantize kernel reads all of them.
+# before the call, fused_lora.nf4.NF4Operands): only its statistics are new arguments there. The dequantize kernel
+# reads all of them.
 GEMM_NF4_ARGS = {"nf4": NF4_ARGS["nf4"], "nf4-nested": ("qabsmax", "absmax2", "code2", "offset")}
 LEAVES = ("x", "lora_A", "lora_B", "bias")  # + the weight when it is dense
+NF4_OPERAND = {"data": "packed", "code": "code", "absmax": "absmax"}  # NF4Weight field -> NF4Operands field
 
 
 def _cases(problems, nf4_args):
@@ -241,8 +243,10 @@ def _assert_received(calls, problem: str, arg: str, view: torch.Tensor):
     elif problem == "dense":
         index = ("x", "weight", "lora_A", "lora_B", "bias").index(arg)
         got = [args[index] for name, args in calls if name == "lora_forward"]
+    elif arg in ("qabsmax", "absmax2", "code2", "offset"):
+        return  # double-quantized statistics reach the implementations decoded (NF4Operands.absmax, a new tensor)
     else:
-        got = [getattr(args[1], arg) for name, args in calls if name == "lora_forward"]
+        got = [getattr(args[1], NF4_OPERAND[arg]) for name, args in calls if name == "lora_forward"]
     assert got, f"no backend call received {arg}"
     for t in got:
         assert (t.data_ptr(), t.stride()) == (view.data_ptr(), view.stride()), f"{arg} reached the backend copied"

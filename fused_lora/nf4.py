@@ -245,18 +245,34 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
                      offset=offset.to(device), nested_blocksize=NESTED_BLOCKSIZE, **common)
 
 
-class NF4Operands(NamedTuple):
+class NF4Operands:
     """What the implementations (the Triton kernels and the torch path) need of an NF4 weight: tensors and ints.
 
     ``packed``: the codes as :attr:`NF4Weight.data` stores them (uint8 ``((n + 1) // 2, 1)``, any layout with one
-    flat stride); ``code``: the fp32 ``[16]`` table; ``absmax``: the fp32 per-block absmax, already decoded
-    (:func:`decode_absmax`); ``blocksize``; ``shape``: ``(out, in)``."""
+    flat stride); ``code``: the fp32 ``[16]`` table; ``blocksize``; ``shape``: ``(out, in)``; the statistics as
+    stored: ``qabsmax``, ``absmax2``, ``code2``, ``offset``, ``nested_blocksize`` with double quantization (None
+    otherwise). ``absmax``: the fp32 per-block absmax, decoded (:func:`decode_absmax`) on first access only: a
+    consumer that takes the stored statistics (the dequantize kernel decodes them itself, in one launch) never pays
+    the few small operations of the decode."""
 
-    packed: torch.Tensor
-    code: torch.Tensor
-    absmax: torch.Tensor
-    blocksize: int
-    shape: Tuple[int, int]
+    def __init__(self, packed, code, blocksize, shape, absmax=None, qabsmax=None, absmax2=None, code2=None,
+                 offset=None, nested_blocksize=NESTED_BLOCKSIZE):
+        self.packed, self.code, self.blocksize, self.shape = packed, code, int(blocksize), tuple(shape)
+        self.qabsmax, self.absmax2, self.code2, self.offset = qabsmax, absmax2, code2, offset
+        self.nested_blocksize = int(nested_blocksize)
+        self._absmax = absmax
+
+    @property
+    def nested(self) -> bool:
+        return self.qabsmax is not None
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        if self._absmax is None:
+            n_blocks = -(-self.shape[0] * self.shape[1] // self.blocksize)
+            self._absmax = decode_absmax(n_blocks, None, self.qabsmax, self.absmax2, self.code2, self.offset,
+                                         self.nested_blocksize)
+        return self._absmax
 
 
 def decode_absmax(n_blocks: int, absmax: Optional[torch.Tensor], qabsmax: Optional[torch.Tensor] = None,
@@ -422,14 +438,13 @@ class NF4Weight:
 
     @classmethod
     def operands_from_flat(cls, tensors: List[Optional[torch.Tensor]], ints: List[int]) -> NF4Operands:
-        """The :class:`NF4Operands` of a flattened weight (the statistics decoded here, on every call: n / blocksize
-        values, cheaper than keeping them decoded)."""
+        """The :class:`NF4Operands` of a flattened weight (double-quantized statistics are decoded on every call
+        that needs them decoded: n / blocksize values, cheaper than keeping them decoded)."""
         f = dict(zip(cls.TENSOR_FIELDS, tensors))
         meta = _FlatMeta(*ints)
-        n_blocks = -(-meta.out_features * meta.in_features // meta.blocksize)
-        absmax = decode_absmax(n_blocks, f["absmax"], f["qabsmax"], f["absmax2"], f["code2"], f["offset"],
-                               meta.nested_blocksize)
-        return NF4Operands(f["data"], f["code"], absmax, meta.blocksize, (meta.out_features, meta.in_features))
+        return NF4Operands(f["data"], f["code"], meta.blocksize, (meta.out_features, meta.in_features),
+                           absmax=f["absmax"], qabsmax=f["qabsmax"], absmax2=f["absmax2"], code2=f["code2"],
+                           offset=f["offset"], nested_blocksize=meta.nested_blocksize)
 
     @staticmethod
     def flat_shape(ints: List[int]) -> Tuple[int, int]:

@@ -588,8 +588,9 @@ def _weight_args(weight, M: int, dtype: torch.dtype) -> dict:
     The record is read by attribute (any object with them; ``fused_lora.nf4.NF4Operands`` in practice):
     ``packed``, the uint8 NF4 codes, two per byte (high nibble first), shape ``((n + 1) // 2, 1)`` in any layout
     whose flattening has one stride; ``code``, the fp32 ``[16]`` table; ``absmax``, the fp32 ``[n_blocks]``
-    per-block absmax, already decoded (double-quantized statistics are the caller's to decode); ``blocksize``;
-    ``shape``, ``(N, K)``.
+    per-block absmax, decoded (the record decodes double-quantized statistics when this is read); ``qabsmax``,
+    ``absmax2``, ``code2``, ``offset``, ``nested_blocksize``: the double-quantized statistics as stored (``qabsmax``
+    None for plain ones), which the dequantize kernel decodes itself; ``blocksize``; ``shape``, ``(N, K)``.
 
     NF4 with at most ``NF4_FUSED_MAX_TOKENS`` rows of x: the packed codes and the absmax go to the GEMMs, which
     dequantize W tile by tile in registers. More rows: ``nf4_dequantize`` into a transient dense buffer (freed
@@ -606,7 +607,12 @@ def _weight_args(weight, M: int, dtype: torch.dtype) -> dict:
         return dict(w_ptr=packed, nf4_code_ptr=weight.code.contiguous(), nf4_absmax_ptr=weight.absmax.contiguous(),
                     stride_wn=0, stride_wk=0, stride_wq=packed.stride(0), W_NF4=True,
                     NF4_BLOCKSIZE=int(weight.blocksize))
-    dense = nf4_dequantize(weight.packed, weight.code, weight.absmax, (n_out, n_in), weight.blocksize, dtype)
+    if weight.qabsmax is not None:  # the kernel decodes double-quantized statistics itself (one launch)
+        dense = nf4_dequantize(weight.packed, weight.code, weight.qabsmax, (n_out, n_in), weight.blocksize, dtype,
+                               absmax2=weight.absmax2, code2=weight.code2, offset=weight.offset,
+                               nested_blocksize=weight.nested_blocksize)
+    else:
+        dense = nf4_dequantize(weight.packed, weight.code, weight.absmax, (n_out, n_in), weight.blocksize, dtype)
     return _weight_args(dense, M, dtype)
 
 

@@ -14,7 +14,9 @@ weight and everything that depends on its format:
   ints, and ``operands(tensors, ints)``, what the kernels and the torch path take (tensors and ints only).
 
 ``WEIGHT_KINDS`` maps each kind's name to its class; :func:`kind_of` finds the class of a weight value. A new storage
-format (8-bit, say) is one subclass plus one entry there.
+format (8-bit, say) is one subclass plus one entry there: its ``operands`` object needs a ``dequantize(dtype)`` for
+the torch path, which then runs it everywhere; the Triton kernels read the operands of the formats they decode
+(``fused_lora.kernels.lora._weight_args``).
 """
 
 from __future__ import annotations

@@ -266,6 +266,10 @@ class NF4Operands:
     def nested(self) -> bool:
         return self.qabsmax is not None
 
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dense weight on the torch path (:func:`dequantize_operands`)."""
+        return dequantize_operands(self, dtype)
+
     @property
     def absmax(self) -> torch.Tensor:
         if self._absmax is None:

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 from ._settings import Setting
 from .dropout import Dropout
-from .nf4 import NF4Operands, dequantize_operands
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -89,11 +88,11 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def dense_weight(weight, dtype: torch.dtype) -> torch.Tensor:
-    """W as a dense tensor: itself, or NF4 operands dequantized to ``dtype`` (the activation dtype, so the values
-    are bitsandbytes' dequantized weights, as the kernels use them) -- a transient copy."""
-    if isinstance(weight, NF4Operands):
-        return dequantize_operands(weight, dtype)
-    return weight
+    """W as a dense tensor: itself, or a quantized weight's operands dequantized to ``dtype`` (the activation
+    dtype: for NF4, bitsandbytes' dequantized weights, as the kernels use them) -- a transient copy."""
+    if isinstance(weight, torch.Tensor):
+        return weight
+    return weight.dequantize(dtype)
 
 
 def lora_forward(

@@ -274,7 +274,7 @@ def record_shared_weights(model: nn.Module, names: Sequence[str]) -> None:
     layer (its merge() refuses, since merging in place would change them) and warn, as PEFT does. Disjoint views of
     one buffer (q, k, v slices of a fused weight) do not count. NF4 bases are skipped: their merge() writes new
     buffers, leaving whatever shares the old ones unchanged."""
-    # state-dict names (a LoRA layer's base weight is "<layer>.weight", as for nn.Linear), every holder listed
+    # state-dict names, every holder listed (a tied weight appears under each of its names)
     tensors = model.state_dict(keep_vars=True).items()
     spans = [(key, t, _byte_range(t)) for key, t in tensors
              if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.numel() > 0]
@@ -284,7 +284,7 @@ def record_shared_weights(model: nn.Module, names: Sequence[str]) -> None:
             continue
         weight = layer.weight
         lo, hi = _byte_range(weight)
-        others = [key for key, t, (t_lo, t_hi) in spans if key != f"{name}.weight" and t.device == weight.device
+        others = [key for key, t, (t_lo, t_hi) in spans if key != f"{name}.base.weight" and t.device == weight.device
                   and t.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
                   and t_lo < hi and lo < t_hi]
         if others:

@@ -27,31 +27,6 @@ def is_plain_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
-def _flatten_base_keys(module, state_dict, prefix, local_metadata) -> None:
-    """State-dict post-hook of :class:`FusedLoraLinear`: the base's entries under the layer's own prefix
-    (``weight``, ``nf4_data``, ...), as nn.Linear and bitsandbytes name them, instead of ``base.weight``."""
-    inner = prefix + "base."
-    mine = [k for k in state_dict if k.startswith(prefix)]
-    entries = [(k, state_dict.pop(k)) for k in mine]
-    for k, v in entries:  # the base's entries first, as nn.Linear orders weight before bias
-        if k.startswith(inner):
-            state_dict[prefix + k[len(inner):]] = v
-    for k, v in entries:
-        if not k.startswith(inner):
-            state_dict[k] = v
-
-
-def _report_flat_keys(module, incompatible_keys) -> None:
-    """Load-state-dict post-hook of :class:`FusedLoraLinear`: missing / unexpected keys of the base under the names
-    ``state_dict()`` writes (``weight``, not ``base.weight``)."""
-    prefix = getattr(module, "_load_prefix", None)
-    if prefix is None:
-        return
-    inner = prefix + "base."
-    for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
-        keys[:] = [prefix + k[len(inner):] if k.startswith(inner) else k for k in keys]
-
-
 class FusedLoraLinear(nn.Module):
     """``y = x W^T + (lora_alpha / r) * B(A(dropout(x))) + bias`` with a frozen base ``W`` and trainable ``A``, ``B``.
 
@@ -61,8 +36,11 @@ class FusedLoraLinear(nn.Module):
     ``kaiming_uniform_(a=sqrt(5))`` and ``lora_B`` ``[out, r]`` with zeros, so a new adapter starts as the identity
     update (PEFT's layout and initialisation). Dropout applies to the LoRA branch's input in training mode only.
 
-    The state dict keeps nn.Linear's and bitsandbytes' names: ``weight`` (dense) or ``nf4_data``, ``nf4_absmax``, ...
-    (NF4), ``bias``, ``lora_A``, ``lora_B``, ``lora_merged``.
+    State-dict keys follow the module tree, as PEFT's ``base_layer.weight`` does: ``base.weight`` (dense) or
+    ``base.nf4_data``, ``base.nf4_absmax``, ... (NF4, bitsandbytes' tensors), ``bias``, ``lora_A``, ``lora_B``,
+    ``lora_merged`` -- the names ``named_parameters()`` gives, which FSDP's state-dict handling requires. State
+    dicts with the base's entries directly under the layer (``weight``, ``nf4_data``: fused-lora before 0.1.0's
+    base-weight contract) load too.
 
     A dense base computes in the input's dtype, like ``nn.Linear``. A quantized base computes in ``compute_dtype``
     (the adapters' dtype; ``module.to(dtype)`` changes it and leaves the NF4 buffers exact): inputs are cast to it
@@ -135,8 +113,6 @@ class FusedLoraLinear(nn.Module):
         # Names of the model's other tensors overlapping W's memory (tied weights), found by apply_lora /
         # from_peft: merging into W in place would change them too.
         self.weight_shared_with: Tuple[str, ...] = ()
-        self.register_state_dict_post_hook(_flatten_base_keys)
-        self.register_load_state_dict_post_hook(_report_flat_keys)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -371,11 +347,11 @@ class FusedLoraLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        self._load_prefix = prefix  # for _report_flat_keys
         for key in [k for k in state_dict if k.startswith(prefix)]:
             name = key[len(prefix):]
-            if "." not in name and name not in self._parameters and name not in self._buffers:
-                state_dict[prefix + "base." + name] = state_dict.pop(key)  # a base entry (see _flatten_base_keys)
+            if "." not in name and name not in self._parameters and name not in self._buffers \
+                    and prefix + "base." + name not in state_dict:  # a base entry of the earlier flat layout
+                state_dict[prefix + "base." + name] = state_dict.pop(key)
         flag_key = prefix + "lora_merged"
         flag = state_dict.get(flag_key)
         loads_base = any(k.startswith(prefix + "base.") for k in state_dict)

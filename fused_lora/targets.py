@@ -135,7 +135,7 @@ def resolve_modules_to_save(model: nn.Module, modules_to_save: Sequence[str]) ->
 def check_modules_to_save_not_shared(model: nn.Module, names: Sequence[str]) -> None:
     """Refuse a ``modules_to_save`` module whose parameters are also reachable outside it (tied weights): fused-lora
     trains these modules in place, where PEFT trains a copy."""
-    # state-dict names: what the user sees in checkpoints (a LoRA layer's base weight is "<layer>.weight")
+    # state-dict names: what the user sees in checkpoints
     params = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, nn.Parameter)}
     owned = {id(p): pname for pname, p in params.items()
              if any(pname == n or pname.startswith(n + ".") for n in names)}

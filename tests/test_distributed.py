@@ -1,4 +1,5 @@
-"""FusedLoraLinear under DDP, FSDP2 (``torch.distributed.fsdp.fully_shard``) and activation checkpointing, on CPU.
+"""FusedLoraLinear under DDP, FSDP2 (``torch.distributed.fsdp.fully_shard``), FSDP1's full state dict and activation
+checkpointing, on CPU.
 
 DDP / FSDP2: two processes (``torch.multiprocessing`` spawn, gloo backend, a free TCP port, a deadline so that a hang
 fails the test instead of blocking CI). Each rank runs half of a batch; the gradients (and, for FSDP2, the parameters
@@ -170,6 +171,36 @@ def test_fsdp2_gradients_and_step_match_single_process():
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) not in this torch")
     _run_workers(_fsdp2_worker)
+
+
+def _fsdp1_state_dict_worker(rank, port):
+    """FSDP1 (the wrapper Hugging Face's Trainer uses with fsdp=...) gathers a full state dict by the module tree's
+    parameter names: the keys must be the plain model's, and the state dict must load back."""
+    _init(rank, port)
+    try:
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        model, x, target = _model_and_data()
+        expected = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        wrapped = FSDP(model, device_id=torch.device("cpu"), use_orig_params=True)
+        _loss(wrapped, *_half(rank, x, target)).backward()
+        full = FullStateDictConfig(rank0_only=False)
+        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, full):
+            state = wrapped.state_dict()
+        assert state.keys() == expected.keys(), sorted(set(state) ^ set(expected))
+        for key, value in expected.items():
+            assert torch.equal(state[key], value), key
+        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, full):
+            wrapped.load_state_dict(state)
+        _quiesce()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed + gloo")
+def test_fsdp1_full_state_dict_round_trip():
+    _run_workers(_fsdp1_state_dict_worker)
 
 
 # ------------------------------------------------------------------------------------------------ checkpointing

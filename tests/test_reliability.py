@@ -114,7 +114,7 @@ def test_two_lora_layers_on_one_weight_and_views_of_a_larger_weight():
     model.down.weight = model.up.weight
     with pytest.warns(UserWarning, match="shared with"):
         apply_lora(model, ["up", "down"], r=2, lora_alpha=4)
-    assert model.up.weight_shared_with == ("down.weight",) and model.down.weight_shared_with == ("up.weight",)
+    assert model.up.weight_shared_with == ("down.base.weight",) and model.down.weight_shared_with == ("up.base.weight",)
     for layer in (model.up, model.down):
         with pytest.raises(RuntimeError, match="tied weights"):
             layer.merge()
@@ -265,7 +265,6 @@ def test_partial_and_old_state_dicts_keep_the_merged_state_consistent(quantize):
 
     src, dst = layer(), layer()
     x = torch.randn(3, 24)
-    base_key = "nf4_data" if quantize else "weight"
     original = dst.base_weight(torch.float32).clone()
     dst.merge()
     adapters = {k: v for k, v in src.state_dict().items() if k in ("lora_A", "lora_B")}
@@ -278,13 +277,15 @@ def test_partial_and_old_state_dicts_keep_the_merged_state_consistent(quantize):
         assert (dst.weight - original).abs().max() <= 4 * 2**-24 * (original.abs().max() + 1)
 
     dst.merge()
-    dst.load_state_dict({k: v for k, v in src.state_dict().items() if k.startswith(base_key) or k.startswith("nf4_")},
-                        strict=False)
+    dst.load_state_dict({k: v for k, v in src.state_dict().items() if k.startswith("base.")}, strict=False)
     assert not dst.merged
-    old_format = {k: v for k, v in src.state_dict().items() if k != "lora_merged"}
+    # the earliest format: no "lora_merged" flag, and the base's entries directly under the layer ("weight" /
+    # "nf4_data", ...), as written before the base became a submodule
+    old_format = {k.removeprefix("base."): v for k, v in src.state_dict().items() if k != "lora_merged"}
+    assert any(k in old_format for k in ("weight", "nf4_data"))
     fresh = layer()
     fresh.merge()
-    fresh.load_state_dict(old_format)  # strict, no "lora_merged" key
+    fresh.load_state_dict(old_format)  # strict
     assert not fresh.merged
     torch.testing.assert_close(fresh(x), src(x), rtol=0, atol=0)
 

@@ -252,26 +252,27 @@ class NF4Base(BaseWeight):
     def blocksize(self) -> int:
         return self._meta["blocksize"]
 
+    def _requantized(self, delta: torch.Tensor) -> NF4Weight:
+        """``W + delta`` quantized again with this weight's block size and statistics layout."""
+        old = self.value()
+        return quantize_nf4(self.dense_with(delta, old.dtype), blocksize=old.blocksize, double_quant=old.nested)
+
     @torch.no_grad()
     def merge(self, delta: torch.Tensor) -> None:
-        old = self.value()
-        new = quantize_nf4(self.dense_with(delta, old.dtype), blocksize=old.blocksize, double_quant=old.nested)
-        self._store(_PREMERGE, old, persistent=False)
+        new = self._requantized(delta)
+        self._store(_PREMERGE, self.value(), persistent=False)
         self._store(_PREFIX, new, persistent=True)
 
     @torch.no_grad()
     def unmerge(self, delta: torch.Tensor) -> None:
-        kept = self._stored(_PREMERGE)
-        if kept["data"] is not None:
-            for name, t in kept.items():
-                setattr(self, _PREFIX + name, _to_storage(name, t))
+        if self.premerge_data is not None:  # the codes from before merge(): restored exactly
+            for name in NF4Weight.TENSOR_FIELDS:
+                setattr(self, _PREFIX + name, getattr(self, _PREMERGE + name))
             self._store(_PREMERGE, None, persistent=False)
             return
         warnings.warn("unmerge(): the pre-merge NF4 codes are not known (the layer was loaded merged); "
                       "re-quantizing W - scaling * B @ A, which adds one more re-quantization error", stacklevel=3)
-        old = self.value()
-        new = quantize_nf4(self.dense_with(-delta, old.dtype), blocksize=old.blocksize, double_quant=old.nested)
-        self._store(_PREFIX, new, persistent=True)
+        self._store(_PREFIX, self._requantized(-delta), persistent=True)
 
     # state dict: the fp32 fields as fp32 (bitsandbytes' dtypes), the non-tensor fields as extra state
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -46,7 +46,7 @@ SHARED_LIMIT = {80: 166912, 90: 232448}
 
 @dataclass
 class Capture:
-    """One kernel launch as the wrapper would issue it."""
+    """One kernel launch as the wrapper would issue it (``dtype``: the activations')."""
 
     launcher: str
     variant: str
@@ -104,21 +104,46 @@ def resource_usage(cubin: bytes) -> Dict[str, int]:
     return {k: int(v) for k, v in fields.items()}
 
 
+# The variants captured, and the kernels each one compiles (None: all of them); the others compile the same code as
+# "default". "fp32-adapters": fp32 A and B over half-precision activations (PEFT's default), whose tiles the kernels
+# convert after loading them: the kernels that load A or B, with a dense and with an in-loop NF4 weight, and (r16,
+# r32) the smaller rank tiles those of them whose rank tile follows r take with fp32 adapters (the GEMM seeds' is
+# fixed: kernels.lora._FP32_ADAPTERS_SEED_BLOCK_R).
+_VARIANT_KERNELS = {
+    "default": None,
+    "deterministic": ("_lora_grad_out_kernel",),
+    "nf4": ("_lora_linear_fwd_kernel", "_lora_dgrad_kernel"),
+    "fp32-adapters": ("_lora_down_kernel", "_lora_linear_fwd_kernel", "_lora_grad_out_kernel", "_lora_dgrad_kernel"),
+    "fp32-adapters-r16": ("_lora_down_kernel", "_lora_grad_out_kernel"),
+    "fp32-adapters-r32": ("_lora_grad_out_kernel",),
+    "nf4-fp32-adapters": ("_lora_linear_fwd_kernel", "_lora_dgrad_kernel"),
+}
+
+
 def _example_problems():
     """Representative launches: the heaviest variant of every kernel (dropout, bias, every gradient, the largest
-    rank tile), in each dtype family, with the atomic and the deterministic dB reduction, and with an NF4 base
-    weight dequantized inside the GEMMs (a token count at the in-loop threshold)."""
+    rank tile), in each dtype family, with the atomic and the deterministic dB reduction, with an NF4 base weight
+    dequantized inside the GEMMs (a token count at the in-loop threshold), and with fp32 adapters over bf16
+    activations (bf16 standing for the 16-bit activations, as in the other variants). Yields ``(activation dtype,
+    adapter dtype, variant, (M, K, N, R))``."""
     from fused_lora.kernels.lora import NF4_FUSED_MAX_TOKENS
 
-    K, N, R = 4096, 4096, 64
-    for dtype in (torch.bfloat16, torch.float32):
-        for variant in ("default", "deterministic", "nf4"):
-            yield dtype, variant, (NF4_FUSED_MAX_TOKENS if variant == "nf4" else 4096, K, N, R)
+    K, N = 4096, 4096
+    problems = [(dtype, dtype, variant, 64) for dtype in (torch.bfloat16, torch.float32)
+                for variant in ("default", "deterministic", "nf4")]
+    problems += [(torch.bfloat16, torch.float32, variant, 64) for variant in ("fp32-adapters", "nf4-fp32-adapters")]
+    problems += [(torch.bfloat16, torch.float32, f"fp32-adapters-r{r}", r) for r in (16, 32)]
+    for dtype, adapter_dtype, variant, R in problems:
+        yield dtype, adapter_dtype, variant, (NF4_FUSED_MAX_TOKENS if _is_nf4(variant) else 4096, K, N, R)
+
+
+def _is_nf4(variant: str) -> bool:
+    return variant.startswith("nf4")
 
 
 def _example_weight(variant: str, N: int, K: int, dtype: torch.dtype):
     """A dense weight, or the NF4 operands record the kernels take (blocksize 64, absmax decoded)."""
-    if variant != "nf4":
+    if not _is_nf4(variant):
         return torch.empty(N, K, dtype=dtype)
     from fused_lora.nf4 import NF4_CODE, NF4Operands
 
@@ -155,11 +180,11 @@ def capture_launches() -> List[Capture]:
 
     captured: List[Capture] = []
     seen = set()
-    for dtype, variant, (M, K, N, R) in _example_problems():
+    for dtype, adapter_dtype, variant, (M, K, N, R) in _example_problems():
         x = torch.empty(M, K, dtype=dtype)
         w = _example_weight(variant, N, K, dtype)
-        a = torch.empty(R, K, dtype=dtype)
-        b = torch.empty(N, R, dtype=dtype)
+        a = torch.empty(R, K, dtype=adapter_dtype)
+        b = torch.empty(N, R, dtype=adapter_dtype)
         bias = torch.empty(N, dtype=dtype)
         g = torch.empty(M, N, dtype=dtype)
         xa = torch.empty(M, R, dtype=dtype)
@@ -172,10 +197,8 @@ def capture_launches() -> List[Capture]:
                 lora.lora_backward(g, x, w, a, b, xa, 2.0, dropout, (True, False, True, True, True))
         finally:
             torch.use_deterministic_algorithms(original_det)
-    # The deterministic variant differs only in the grad-out kernel, the NF4 one only in the two GEMMs.
-    differs = {"default": None, "deterministic": ("_lora_grad_out_kernel",),
-               "nf4": ("_lora_linear_fwd_kernel", "_lora_dgrad_kernel")}
-    captured = [c for c in captured if differs[c.variant] is None or c.launcher in differs[c.variant]]
+    captured = [c for c in captured
+                if _VARIANT_KERNELS[c.variant] is None or c.launcher in _VARIANT_KERNELS[c.variant]]
     return captured + _capture_nf4()
 
 
@@ -311,8 +334,9 @@ def jobs() -> List[Tuple]:
     for capture in capture_launches():
         launcher = _launcher_by_name(capture.launcher)
         families = ("half",) if capture.dtype != "float32" else ("tf32", "ieee")
-        if capture.variant == "nf4":  # the GEMMs that dequantize NF4 in their main loop have their own tilings
-            families = tuple(f + "-nf4" for f in families)
+        # the GEMMs that dequantize NF4 in their main loop, or convert fp32 adapter tiles, have their own tilings
+        suffix = "-nf4" if _is_nf4(capture.variant) else "-fp32a" if capture.variant == "fp32-adapters" else ""
+        families = tuple(f + suffix if f + suffix in launcher.configs else f for f in families)
         for family in families:
             for cfg_index in range(len(launcher.configs[family])):
                 for target in TARGETS:

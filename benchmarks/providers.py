@@ -50,7 +50,9 @@ def build_base(K, N, r, p, dtype, device):
 
 
 def build_fused(K, N, r, p, dtype, device):
-    layer = FusedLoraLinear.from_linear(_frozen_linear(K, N, dtype, device), r=r, lora_alpha=2 * r, lora_dropout=p)
+    # adapters in the activations' dtype, as the "peft" provider's lora.Linear built directly has them
+    layer = FusedLoraLinear.from_linear(_frozen_linear(K, N, dtype, device), r=r, lora_alpha=2 * r, lora_dropout=p,
+                                        adapter_dtype=dtype)
     _set_adapters(layer.lora_A, layer.lora_B)
     return layer
 
@@ -101,10 +103,10 @@ def build_fused_nf4(K, N, r, p, dtype, device):
     without bitsandbytes."""
     if _bnb_available():
         layer = FusedLoraLinear.from_bnb(_bnb_linear4bit(K, N, dtype, device), r=r, lora_alpha=2 * r,
-                                         lora_dropout=p, compute_dtype=dtype)
+                                         lora_dropout=p, compute_dtype=dtype, adapter_dtype=dtype)
     else:
         layer = FusedLoraLinear.from_linear(_frozen_linear(K, N, dtype, device), r=r, lora_alpha=2 * r,
-                                            lora_dropout=p, quantize="nf4", compute_dtype=dtype)
+                                            lora_dropout=p, quantize="nf4", compute_dtype=dtype, adapter_dtype=dtype)
     _set_adapters(layer.lora_A, layer.lora_B)
     return layer
 

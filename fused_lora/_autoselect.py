@@ -112,6 +112,7 @@ class ProblemKey(NamedTuple):
     out_features: int
     r: int
     dtype: str
+    adapter_dtype: str  # fp32 adapters on half activations are converted in the kernels' registers: another cost
     tf32: bool
     nf4: bool
     dropout: bool
@@ -130,7 +131,7 @@ def problem_key(name: str, args: tuple) -> ProblemKey:
         variant = tuple(needs)
     tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     return ProblemKey(name, str(x.device), _pow2(x.shape[0]), x.shape[1], weight.shape[0], lora_A.shape[0],
-                      str(x.dtype), tf32, not isinstance(weight, torch.Tensor), dropout is not None, x.is_contiguous(),
+                      str(x.dtype), str(lora_A.dtype), tf32, not isinstance(weight, torch.Tensor), dropout is not None, x.is_contiguous(),
                       torch.are_deterministic_algorithms_enabled(), variant)
 
 

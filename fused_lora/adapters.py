@@ -143,13 +143,15 @@ def save_adapter(
 
     ``adapter_model.safetensors``: each layer's A and B (as stored: same dtype, contiguous), keys
     ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight``, plus the full state of every
-    ``modules_to_save`` module; metadata ``{"format": "pt"}``.
+    ``modules_to_save`` module; metadata ``{"format": "pt"}``. PEFT's ``save_pretrained`` writes the same keys in
+    the same dtypes for the same weights: it too saves each tensor in its own dtype (fp32 adapters over a bf16 model,
+    PEFT's and fused-lora's default, as fp32).
 
     ``adapter_config.json``: a complete ``LoraConfig``: ``r`` / ``lora_alpha`` are the most common values over the
     layers and ``rank_pattern`` / ``alpha_pattern`` list (by module name) the layers that differ; ``target_modules`` is
     the shortest list of name suffixes that selects exactly the adapted layers in this model (PEFT's list rule),
     ``use_dora``, ``fan_in_fan_out``, ``lora_bias`` false, ``bias`` "none", ``init_lora_weights`` true.
-    ``base_model_name_or_path`` / ``task_type`` default to what ``from_peft`` / ``load_adapter`` recorded (else the
+    ``base_model_name_or_path`` / ``task_type`` default to what ``load_adapter`` recorded (else the
     model's ``name_or_path`` / None).
 
     Raises ``ValueError`` when the layers cannot be described by one ``LoraConfig``: different ``lora_dropout`` or
@@ -348,19 +350,30 @@ def _split_keys(tensors: Mapping[str, torch.Tensor], mts_names: List[str], where
     return lora, saved
 
 
-def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True) -> nn.Module:
+def _rounds(source: torch.dtype, target: torch.dtype) -> bool:
+    """Whether copying ``source`` values into a ``target`` tensor can change them: any other dtype but a wider
+    floating-point one (bf16 and fp16 fit in fp32, neither in the other)."""
+    widens = source.is_floating_point and target.is_floating_point and torch.promote_types(source, target) == target
+    return source != target and not widens
+
+
+def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True,
+                 adapter_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Load the adapter in directory ``path`` (written by :func:`save_adapter` or PEFT's ``save_pretrained``) into
     ``model``, in place; returns ``model``.
 
     * If ``model`` has no fused-lora layers yet, they are created first with :func:`~fused_lora.apply_lora` from
       the config (``target_modules``, ``exclude_modules``, ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``,
-      ``rank_pattern``, ``alpha_pattern``, ``modules_to_save``) -- the modules PEFT would adapt.
+      ``rank_pattern``, ``alpha_pattern``, ``modules_to_save``) -- the modules PEFT would adapt -- with adapters in
+      ``adapter_dtype`` (apply_lora's argument: by default PEFT's rule, as ``PeftModel.from_pretrained`` with its
+      default ``autocast_adapter_dtype=True``: fp32 over fp16 / bf16 layers).
     * If it has some, they must be exactly the modules the file holds tensors for, with the config's ``r``,
-      ``lora_alpha`` and ``use_rslora`` (their ``lora_dropout`` is kept: it does not change outputs);
-      ``modules_to_save`` are resolved on the model.
+      ``lora_alpha`` and ``use_rslora`` (their ``lora_dropout`` and adapter dtype are kept: neither changes what
+      the file means); ``modules_to_save`` are resolved on the model.
 
-    Every LoRA layer receives the file's A and B (copied; rounded if the layer's dtype differs, with a warning); a
-    merged layer is unmerged first and merged again with the new adapter.
+    Every LoRA layer receives the file's A and B, copied into its parameters' dtype: exactly when that dtype holds
+    the file's values (e.g. bf16 or fp16 into fp32), rounded with a warning otherwise; a merged layer is unmerged
+    first and merged again with the new adapter.
     ``modules_to_save`` modules receive their full saved state. Afterwards A, B and the ``modules_to_save`` parameters
     have ``requires_grad=is_trainable``; everything else is frozen.
 
@@ -398,7 +411,7 @@ def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True) ->
             model, config["target_modules"], r=hyperparams.r, lora_alpha=hyperparams.lora_alpha,
             lora_dropout=hyperparams.lora_dropout, use_rslora=hyperparams.use_rslora, modules_to_save=mts or None,
             exclude_modules=config.get("exclude_modules"), rank_pattern=hyperparams.rank_pattern,
-            alpha_pattern=hyperparams.alpha_pattern,
+            alpha_pattern=hyperparams.alpha_pattern, adapter_dtype=adapter_dtype,
         )
         mts_names = plan.modules_to_save_names
         shapes = {}
@@ -444,19 +457,19 @@ def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True) ->
     meta.task_type = config.get("task_type")
     meta.base_model_name_or_path = config.get("base_model_name_or_path")
 
-    cast = set()
+    rounded = set()  # (file dtype, parameter dtype) pairs that cannot hold every value of the file
     with torch.no_grad():
         for name, layer in lora_layers(model):
-            cast.update((lora[name][part].dtype, getattr(layer, part).dtype) for part in ("lora_A", "lora_B")
-                        if lora[name][part].dtype != getattr(layer, part).dtype)
+            rounded.update((lora[name][part].dtype, getattr(layer, part).dtype) for part in ("lora_A", "lora_B")
+                           if _rounds(lora[name][part].dtype, getattr(layer, part).dtype))
             layer.set_adapter_weights(lora[name]["lora_A"], lora[name]["lora_B"])  # unmerges / re-merges
         for name, state in saved.items():
             module = model.get_submodule(name)
-            cast.update((t.dtype, module_state_t.dtype) for k, t in state.items()
-                        for module_state_t in (module.state_dict()[k],) if t.dtype != module_state_t.dtype)
+            rounded.update((t.dtype, module_state_t.dtype) for k, t in state.items()
+                           for module_state_t in (module.state_dict()[k],) if _rounds(t.dtype, module_state_t.dtype))
             module.load_state_dict(state, strict=True)
-    if cast:
-        warnings.warn(f"load_adapter: adapter tensors were cast to the layers' dtype ({sorted(map(str, cast))})",
+    if rounded:
+        warnings.warn(f"load_adapter: adapter tensors were rounded to the layers' dtype ({sorted(map(str, rounded))})",
                       stacklevel=2)
     set_trainability(model, adapters_trainable=is_trainable)
     return model

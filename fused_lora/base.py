@@ -6,10 +6,12 @@ weight and everything that depends on its format:
 * ``value()``: the weight as ``fused_lora_linear`` takes it -- a dense tensor, or an :class:`~fused_lora.nf4.NF4Weight`
   viewing the module's buffers;
 * ``dequantize(dtype)``: a dense tensor (the weight itself when it is already dense in that dtype);
+* ``compute_dtype``: the dtype the layer's math runs in over this base (a dense weight's own dtype; a quantized
+  weight's is chosen, and the layer casts its input to it);
 * ``merge(delta)`` / ``unmerge(delta)``: fold an update ``delta`` (fp32 or float64 ``[out, in]``) into the weight
   and take it out again;
-* its device and dtype rules (``module.to(dtype)`` casts a dense weight, never NF4 codes or statistics) and its
-  state-dict entries;
+* its device and dtype rules (``module.to(dtype)`` casts a dense weight, never NF4 codes or statistics, and sets the
+  compute dtype of both) and its state-dict entries;
 * for the custom-operator boundary, a pair of class methods: ``flatten(value)`` into a list of tensors plus a list of
   ints, and ``operands(tensors, ints)``, what the kernels and the torch path take (tensors and ints only).
 
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from .nf4 import NF4Weight, quantize_nf4
-from .validation import FLOAT_DTYPES, HALF_AND_SINGLE
+from .validation import FLOAT_DTYPES, HALF_AND_SINGLE, check_compute_dtype
 
 WeightValue = Union[torch.Tensor, NF4Weight]
 
@@ -41,11 +43,11 @@ class BaseWeight(nn.Module):
     value_type: type = object  # the type of value()
     # Whether the weight itself can get a gradient (a dense weight the user unfroze); a quantized one cannot.
     differentiable: bool = False
-    # Whether the layer casts its input to the adapters' dtype and its output back (bitsandbytes' Linear4bit
-    # semantics for quantized bases); a dense base computes in the input's dtype like nn.Linear.
+    # Whether the layer casts its input to compute_dtype and its output back (bitsandbytes' Linear4bit semantics
+    # for quantized bases); a dense base computes in the input's dtype like nn.Linear.
     casts_input: bool = False
 
-    # The dtypes the layer may compute in (its adapters' dtype) over this base.
+    # The dtypes the layer may compute in over this base.
     compute_dtypes: Tuple[torch.dtype, ...] = FLOAT_DTYPES
 
     in_features: int
@@ -65,6 +67,11 @@ class BaseWeight(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the dense weight this base stands for."""
+        raise NotImplementedError
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the layer's math over this base (activations, W as the products take it, the output)."""
         raise NotImplementedError
 
     @property
@@ -137,6 +144,11 @@ class DenseBase(BaseWeight):
         return self.weight.dtype
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The weight's own dtype: a dense base computes like ``nn.Linear``."""
+        return self.weight.dtype
+
+    @property
     def device(self) -> torch.device:
         return self.weight.device
 
@@ -188,6 +200,11 @@ class NF4Base(BaseWeight):
     and original dtype travel in the state dict's extra state. The buffers may be views of a bitsandbytes
     ``Params4bit``'s tensors (``from_bnb``: shared, not copied).
 
+    ``compute_dtype`` (float32, float16 or bfloat16; default: the original weight's dtype) is what W is dequantized
+    to and the layer computes in, like bitsandbytes' ``Linear4bit.compute_dtype``: independent of the adapters'
+    dtype (fp32 adapters over bf16 math, as PEFT keeps them on a QLoRA base). ``module.to(dtype)`` / ``.half()`` /
+    ``.bfloat16()`` / ``.float()`` set it.
+
     Merging re-quantizes ``W + delta`` with the same block size and statistics layout, as PEFT does for bitsandbytes
     bases: every element moves to the nearest NF4 level of its block's new absmax, an error of up to half the gap
     between neighbouring levels (about 0.04 x absmax near 0 to 0.14 x absmax near +-1). The pre-merge codes are kept
@@ -209,11 +226,26 @@ class NF4Base(BaseWeight):
         if value.device != x.device:
             raise ValueError(f"device mismatch: x is on {x.device} but the NF4 weight is on {value.device}")
 
-    def __init__(self, nf4: NF4Weight):
+    def __init__(self, nf4: NF4Weight, compute_dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.out_features, self.in_features = nf4.shape
         self._store(_PREFIX, nf4, persistent=True)
         self._store(_PREMERGE, None, persistent=False)
+        self.compute_dtype = compute_dtype or nf4.dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.compute_dtype_tag.dtype
+
+    @compute_dtype.setter
+    def compute_dtype(self, dtype: torch.dtype) -> None:
+        check_compute_dtype(dtype, self.compute_dtypes)
+        # Held as the dtype of an empty buffer: nn.Module.to(dtype) / .half() / ... cast floating buffers, so they
+        # set it exactly when they would cast a dense weight (nn.Module has no other hook into a dtype cast), while
+        # the NF4 fields, stored as integers, stay exact. Not saved: a state dict holds the format, not how this
+        # process computes with it (bitsandbytes does not save its compute_dtype either).
+        self.register_buffer("compute_dtype_tag", torch.empty(0, dtype=dtype, device=self.nf4_data.device),
+                             persistent=False)
 
     def _store(self, prefix: str, nf4: Optional[NF4Weight], persistent: bool) -> None:
         for name in NF4Weight.TENSOR_FIELDS:
@@ -315,7 +347,7 @@ class NF4Base(BaseWeight):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}, "
-                f"double_quant={self.double_quant}")
+                f"double_quant={self.double_quant}, compute_dtype={str(self.compute_dtype).replace('torch.', '')}")
 
 
 WEIGHT_KINDS: Dict[str, Type[BaseWeight]] = {cls.kind: cls for cls in (DenseBase, NF4Base)}

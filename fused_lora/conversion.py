@@ -4,7 +4,8 @@ the model-level settings ``save_adapter`` needs.
 Public API::
 
     apply_lora(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=False, quantize=None,
-               modules_to_save=None, *, exclude_modules=None, rank_pattern=None, alpha_pattern=None) -> model
+               modules_to_save=None, *, exclude_modules=None, rank_pattern=None, alpha_pattern=None,
+               adapter_dtype=None) -> model
     lora_layers(model) -> iterator of (name, FusedLoraLinear)
     trainable_parameters_summary(model) -> (trainable, total, percent)
     print_trainable_parameters(model)
@@ -17,8 +18,10 @@ Module selection follows PEFT's ``LoraConfig`` rules exactly (see :mod:`fused_lo
   counts them once (PEFT's "all params" also counts the copy); a module whose parameters are shared with a module
   outside ``modules_to_save`` (e.g. an ``lm_head`` tied to the input embedding) is refused, because training it in
   place would also change the other module, which PEFT's copy does not.
-* Adapters are created in the base weight's dtype (``FusedLoraLinear`` computes in one dtype). PEFT upcasts fp16 /
-  bf16 adapters to fp32 by default (``autocast_adapter_dtype=True``).
+* Adapters are created as PEFT's ``get_peft_model`` creates them by default (``autocast_adapter_dtype=True``): in
+  fp32 over layers computing in fp16 / bf16, in the layer's dtype otherwise; ``adapter_dtype`` chooses another
+  (e.g. ``torch.bfloat16`` for all-bf16 training, PEFT's ``autocast_adapter_dtype=False``). Unlike PEFT, fp32
+  adapters do not make a fp32 copy of the activations (``fused_lora.functional.FusedLoraFunction``).
 * One adapter per layer (no named / multiple adapters); ``task_type`` only matters when saving (see
   ``fused_lora.adapters.save_adapter``).
 """
@@ -158,10 +161,12 @@ def plan_lora(
     exclude_modules: Optional[TargetModules] = None,
     rank_pattern: Optional[Mapping[str, int]] = None,
     alpha_pattern: Optional[Mapping[str, float]] = None,
+    adapter_dtype: Optional[torch.dtype] = None,
 ) -> LoraPlan:
     """Select and validate the modules :func:`apply_lora` replaces (same arguments); the model is not modified."""
     check_quantize(quantize)
-    hyperparams = Hyperparams.checked(r, lora_alpha, lora_dropout, use_rslora, rank_pattern, alpha_pattern)
+    hyperparams = Hyperparams.checked(r, lora_alpha, lora_dropout, use_rslora, rank_pattern, alpha_pattern,
+                                      adapter_dtype=adapter_dtype)
     targets_spec = normalize_names(target_modules, "target_modules", allow_none=False)
     exclude_spec = normalize_names(exclude_modules, "exclude_modules")
     mts_spec = normalize_names(modules_to_save, "modules_to_save")
@@ -209,7 +214,8 @@ def execute_plan(model: nn.Module, plan: LoraPlan) -> nn.Module:
 
     Each new layer's base weight and bias are the replaced module's own Parameters (shared, not copied) and frozen
     -- or, with ``quantize="nf4"``, the weight quantized to NF4 and the dense one dropped; a bitsandbytes
-    ``Linear4bit`` keeps its 4-bit weight as it is. A, B are freshly initialised as PEFT does (A kaiming, B = 0)."""
+    ``Linear4bit`` keeps its 4-bit weight as it is. A, B are freshly initialised as PEFT does (A kaiming, B = 0), in
+    the planned adapter dtype."""
     for target in plan.targets:
         layer = target.kind.build(target.module, **dataclasses.asdict(target.hyperparams))
         layer.train(target.module.training)
@@ -234,6 +240,7 @@ def apply_lora(
     exclude_modules: Optional[TargetModules] = None,
     rank_pattern: Optional[Mapping[str, int]] = None,
     alpha_pattern: Optional[Mapping[str, float]] = None,
+    adapter_dtype: Optional[torch.dtype] = None,
 ) -> nn.Module:
     """Replace the selected ``nn.Linear`` modules of ``model`` by ``FusedLoraLinear`` layers, in place.
 
@@ -248,17 +255,24 @@ def apply_lora(
     (bitsandbytes' format, blocksize 64, double quantization: QLoRA) and drops its dense weight. bitsandbytes
     ``Linear4bit`` (NF4) modules are adapted as they are, whatever ``quantize`` says (FusedLoraLinear.from_bnb).
 
+    ``adapter_dtype``: the dtype of every new A and B. None (default) follows PEFT's ``get_peft_model``
+    (``autocast_adapter_dtype=True``): fp32 adapters where a layer computes in fp16 / bf16 (its weight's dtype, or a
+    4-bit base's compute dtype), the layer's dtype otherwise. fp32 adapters train in fp32 (their gradients are fp32)
+    while the activations stay in half precision.
+
     Raises (before modifying anything): ``ValueError`` when nothing matches (listing the model's linear layers);
     ``TypeError`` naming the type when a selected module is not an ``nn.Linear``; ``ValueError`` for bad ``r``,
-    ``lora_alpha``, ``lora_dropout`` (:mod:`fused_lora.validation`; a bad ``rank_pattern`` / ``alpha_pattern`` value
-    names the module it applies to), for ``modules_to_save`` entries that match nothing or whose weights are tied to
-    a module outside them, and naming the argument for a pattern that is not a valid regular expression
+    ``lora_alpha``, ``lora_dropout``, ``adapter_dtype`` (:mod:`fused_lora.validation`; a bad ``rank_pattern`` /
+    ``alpha_pattern`` value names the module it applies to), for ``modules_to_save`` entries that match nothing or
+    whose weights are tied to a module outside them, and naming the argument for a pattern that is not a valid
+    regular expression
     (``target_modules`` / ``exclude_modules`` strings, ``modules_to_save`` entries, ``rank_pattern`` /
     ``alpha_pattern`` keys). Returns ``model``.
     """
     plan = plan_lora(model, target_modules, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                      use_rslora=use_rslora, quantize=quantize, modules_to_save=modules_to_save,
-                     exclude_modules=exclude_modules, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+                     exclude_modules=exclude_modules, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                     adapter_dtype=adapter_dtype)
     return execute_plan(model, plan)
 
 

@@ -29,20 +29,21 @@ class LoraGrads(NamedTuple):
     bias: Optional[torch.Tensor]
 
 
-def _select_backend(x: torch.Tensor, out_features: int) -> str:
+def _select_backend(x: torch.Tensor, out_features: int, adapter_dtype: torch.dtype) -> str:
     """``"triton"``, ``"fastest"`` or ``"torch:<policy>"`` for this call (see fused_lora._backend for the rule).
     The torch path carries the CPU half-precision compute policy in force at forward, so its backward follows the
     same one."""
     backend = resolve_backend(x.device)
     # Empty problems have exact, trivial results (empty outputs, zero gradients): no kernel launch needed. float64
-    # has no kernels: "auto" computes it on the torch path.
+    # (activations or adapters) has no kernels: "auto" computes it on the torch path.
     trivial = x.numel() == 0 or out_features == 0
-    if backend == "torch" or trivial or (backend == "fastest" and x.dtype == torch.float64):
+    float64 = torch.float64 in (x.dtype, adapter_dtype)
+    if backend == "torch" or trivial or (backend == "fastest" and float64):
         return f"torch:{torch_ops.get_cpu_half_compute()}"
-    if x.dtype == torch.float64:
+    if float64:
         raise TypeError(
-            "the Triton backend computes in float32/float16/bfloat16, got float64 tensors; "
-            "use set_backend('torch') (or use_backend('torch')) for float64"
+            f"the Triton backend computes in float32/float16/bfloat16, got float64 tensors (x: {x.dtype}, "
+            f"lora_A / lora_B: {adapter_dtype}); use set_backend('torch') (or use_backend('torch')) for float64"
         )
     return backend
 
@@ -201,6 +202,26 @@ class FusedLoraFunction(torch.autograd.Function):
     Saved for backward: x, W, A, B, xa and the seed -- nothing else of size ``M x K``; the mask is regenerated from
     the seed in backward. ``g`` is read once for both ``gb`` and ``dB`` (and ``dbias``) by the kernels.
 
+    Dtypes and rounding. x, W, bias and g share the activation dtype ``t``; A and B share the adapters' dtype, which
+    may be wider (PEFT keeps fp32 adapters over bf16 / fp16 activations). A and B enter every product rounded to
+    ``t`` -- ``Ar = rnd_t(A)``, ``Br = rnd_t(B)`` -- as a tensor core multiplying a 16-bit x by fp32 adapters needs
+    one 16-bit operand type; the Triton kernels convert each fp32 A / B tile in registers after its load (other
+    adapter dtypes are rounded to ``t`` once by their launch wrappers), the torch path converts the small
+    ``[r, K]`` / ``[N, r]`` matrices (to ``t``, then to the dtype it multiplies in), never x. Every product
+    accumulates in fp32, and the results are rounded once:
+
+    * ``xa = rnd_t(D(x) Ar^T)`` and ``gb = rnd_t(g Br)`` (in ``t``: operands of later products, as on a GPU);
+    * ``y = rnd_t(x W^T + s xa Br^T + bias)``, ``dx = rnd_t(g W + s D(gb Ar))``;
+    * ``dB = rnd_a(s g^T xa)`` and ``dA = rnd_a(s gb^T D(x))`` in the adapters' dtype ``a``: no rounding at all for
+      fp32 adapters in the kernels (their fp32 accumulators are returned as they are), so the gradients of fp32
+      adapters keep fp32 precision while x stays in ``t``. (Where the torch path multiplies in half precision -- on
+      CUDA and under the CPU's ``"native"`` policy -- these two products come from half-precision GEMMs, rounded to
+      ``t`` first.)
+
+    Since ``rnd_t`` is the identity on ``t``-valued tensors, this is the same-dtype computation when A and B are in
+    ``t``; the gradients of A and B are those of ``Ar`` and ``Br`` (the rounding passes the gradient straight
+    through, as autograd's cast does). Under ``torch.autocast`` everything is cast to the autocast dtype before
+    (:func:`fused_lora_linear`).
 
     The base weight arrives flattened by its kind (``fused_lora.base``): ``weight_kind``, ``weight_ints`` and the
     tensors ``*weight``. Only a dense W can get a gradient; an NF4 W is dequantized again in backward (never kept
@@ -276,9 +297,14 @@ def _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p):
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16 (float64 on the "
                             "torch backend)")
-        if t.dtype != x.dtype:
-            raise TypeError(f"dtype mismatch: x is {x.dtype} but {name} is {t.dtype}; x, weight, lora_A, lora_B and "
-                            "bias must share one dtype (cast the module with .to(dtype), or run under torch.autocast)")
+        if name in ("lora_A", "lora_B"):
+            if t.dtype != lora_A.dtype:  # (lora_A: always equal to itself)
+                raise TypeError(f"dtype mismatch: lora_A is {lora_A.dtype} but lora_B is {lora_B.dtype}; the "
+                                "adapters must share one dtype (which may differ from x's)")
+        elif t.dtype != x.dtype:
+            raise TypeError(f"dtype mismatch: x is {x.dtype} but {name} is {t.dtype}; x, weight and bias must share "
+                            "one dtype (lora_A / lora_B may differ; cast the module with .to(dtype), or run under "
+                            "torch.autocast)")
         if t.device != x.device:
             raise ValueError(f"device mismatch: x is on {x.device} but {name} is on {t.device}")
     check_alpha(scaling, "scaling")
@@ -311,9 +337,16 @@ def fused_lora_linear(
         seed: the dropout mask's seed; drawn from torch's default generator when None. The same seed gives the same
             mask on every backend and device.
 
+    Dtypes: x, a dense weight and bias share one dtype (float32, float16 or bfloat16; float64 on the torch backend).
+    lora_A and lora_B share one floating dtype, which may differ from x's -- PEFT keeps fp32 adapters over bf16 /
+    fp16 activations -- (float64 adapters on the torch backend only). A and B are rounded to x's dtype where they
+    enter a product (no copy of x is made in another dtype), every product accumulates in fp32, and ``xa`` / ``gb``
+    are kept in x's dtype; the gradients of A and B are returned in the adapters' dtype (details:
+    :class:`FusedLoraFunction`).
+
     Returns ``[..., out_features]`` in x's dtype. Gradients flow to every input that requires grad.
     Under ``torch.autocast`` the floating inputs other than float64 are cast to the autocast dtype first, as for
-    ``nn.Linear``.
+    ``nn.Linear`` (fp32 adapters too: the computation is then the same-dtype one).
     """
     if isinstance(x, torch.Tensor) and x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
         # autocast's rule for its lower-precision ops (nn.Linear's among them): floating tensors other than float64
@@ -331,7 +364,7 @@ def fused_lora_linear(
     lead = x.shape[:-1]
     # in_features == 0 (as nn.Linear(0, N) allows): -1 cannot be inferred from zero elements, so count the rows
     x2 = x.reshape(-1, in_features) if in_features else x.reshape(lead.numel(), 0)
-    backend = _select_backend(x2, out_features)
+    backend = _select_backend(x2, out_features, lora_A.dtype)
     weight_tensors, weight_ints = kind.flatten(weight)
     with _autocast_off(x.device.type):
         y = FusedLoraFunction.apply(x2, lora_A, lora_B, bias, float(scaling), p, seed_t, backend, kind.kind,

@@ -1,5 +1,6 @@
 """LoRA hyper-parameters: a model's, as PEFT's ``LoraConfig`` holds them (``r``, ``lora_alpha``, ``lora_dropout``,
-``use_rslora``, ``rank_pattern``, ``alpha_pattern``), and each layer's.
+``use_rslora``, ``rank_pattern``, ``alpha_pattern``), plus the adapters' dtype (PEFT's ``autocast_adapter_dtype``, an
+argument of ``get_peft_model``, not of the config), and each layer's.
 
 Both directions live here: :meth:`Hyperparams.for_module` resolves a module's values (``apply_lora``, and
 ``load_adapter`` comparing a file with existing layers); :meth:`Hyperparams.from_layers` recovers one config from
@@ -12,9 +13,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional
 
+import torch
+
 from .layers import lora_scaling
 from .targets import pattern_value, patterns_for
-from .validation import check_alpha, check_dropout, check_rank
+from .validation import check_adapter_dtype, check_alpha, check_dropout, check_rank
 
 __all__ = ["Hyperparams", "LayerHyperparams"]
 
@@ -27,11 +30,12 @@ class LayerHyperparams:
     lora_alpha: float
     lora_dropout: float = 0.0
     use_rslora: bool = False
+    adapter_dtype: Optional[torch.dtype] = None  # None: PEFT's rule (fused_lora.validation.adapter_dtype_for)
 
     @classmethod
     def of(cls, layer) -> "LayerHyperparams":
         """A ``FusedLoraLinear``'s settings."""
-        return cls(layer.r, layer.lora_alpha, float(layer.lora_dropout), bool(layer.use_rslora))
+        return cls(layer.r, layer.lora_alpha, float(layer.lora_dropout), bool(layer.use_rslora), layer.adapter_dtype)
 
     @property
     def scaling(self) -> float:
@@ -54,11 +58,12 @@ class Hyperparams:
     use_rslora: bool = False
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    adapter_dtype: Optional[torch.dtype] = None  # every layer's; None: PEFT's rule
 
     @classmethod
     def checked(cls, r, lora_alpha, lora_dropout=0.0, use_rslora=False, rank_pattern: Optional[Mapping] = None,
-                alpha_pattern: Optional[Mapping] = None, *, where: str = "",
-                check_patterns: bool = False) -> "Hyperparams":
+                alpha_pattern: Optional[Mapping] = None, *, where: str = "", check_patterns: bool = False,
+                adapter_dtype: Optional[torch.dtype] = None) -> "Hyperparams":
         """Validated settings; errors are prefixed by ``where``. ``check_patterns``: check every ``rank_pattern`` /
         ``alpha_pattern`` value now (an adapter file: all of its values must be valid); otherwise a pattern value
         is checked when a module resolves to it (:meth:`for_module`, whose error names the module)."""
@@ -71,14 +76,15 @@ class Hyperparams:
         if check_patterns:
             for key, value in (alpha_pattern or {}).items():
                 check_alpha(value, f"alpha_pattern[{key!r}]", where)
-        return cls(r, lora_alpha, lora_dropout, bool(use_rslora), rank_pattern or {}, alpha_pattern or {})
+        return cls(r, lora_alpha, lora_dropout, bool(use_rslora), rank_pattern or {}, alpha_pattern or {},
+                   check_adapter_dtype(adapter_dtype))
 
     def for_module(self, name: str) -> LayerHyperparams:
         """The settings of the module ``name`` (PEFT's pattern lookup, :func:`fused_lora.targets.pattern_value`)."""
         where = f"module {name!r}: "
         r = check_rank(pattern_value(self.rank_pattern, name, self.r), where=where)
         lora_alpha = check_alpha(pattern_value(self.alpha_pattern, name, self.lora_alpha), where=where)
-        return LayerHyperparams(r, lora_alpha, self.lora_dropout, self.use_rslora)
+        return LayerHyperparams(r, lora_alpha, self.lora_dropout, self.use_rslora, self.adapter_dtype)
 
     @classmethod
     def from_layers(cls, layers: Mapping[str, LayerHyperparams], where: str = "") -> "Hyperparams":

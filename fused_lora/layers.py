@@ -13,7 +13,7 @@ from torch import nn
 from .base import BaseWeight, DenseBase, NF4Base
 from .functional import fused_lora_linear
 from .nf4 import NF4Weight, bitsandbytes_classes, quantize_nf4
-from .validation import check_alpha, check_compute_dtype, check_dropout, check_rank
+from .validation import adapter_dtype_for, check_alpha, check_compute_dtype, check_dropout, check_rank
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -42,11 +42,18 @@ class FusedLoraLinear(nn.Module):
     dicts with the base's entries directly under the layer (``weight``, ``nf4_data``: fused-lora before 0.1.0's
     base-weight contract) load too.
 
-    A dense base computes in the input's dtype, like ``nn.Linear``. A quantized base computes in ``compute_dtype``
-    (the adapters' dtype; ``module.to(dtype)`` changes it and leaves the NF4 buffers exact): inputs are cast to it
-    and outputs back to the input dtype, as bitsandbytes' ``Linear4bit`` does. An NF4 W is dequantized on the fly in
+    A dense base computes in the input's dtype, like ``nn.Linear``. A quantized base computes in its
+    ``compute_dtype`` (``module.to(dtype)`` changes it and leaves the NF4 buffers exact): inputs are cast to it and
+    outputs back to the input dtype, as bitsandbytes' ``Linear4bit`` does. An NF4 W is dequantized on the fly in
     forward and again in backward: inside the GEMM main loop for short inputs, through a transient buffer for long
     ones (``fused_lora.kernels.lora.NF4_FUSED_MAX_TOKENS``); the torch path dequantizes into a transient tensor.
+
+    The adapters have their own dtype, ``adapter_dtype``: by default PEFT's (``autocast_adapter_dtype=True``),
+    float32 over float16 / bfloat16 math and the compute dtype otherwise (:func:`~fused_lora.validation.
+    adapter_dtype_for`); an explicit dtype is kept (e.g. ``torch.bfloat16`` for all-bf16 training). fp32 adapters
+    are multiplied with half-precision activations without an fp32 copy of them, and their gradients are fp32
+    (:class:`~fused_lora.functional.FusedLoraFunction`). ``module.to(dtype)`` casts the adapters too, as for any
+    ``nn.Module`` (and PEFT's layers).
 
     ``merge()`` folds ``scaling * B @ A`` into the base weight (a plain linear forward, for inference);
     ``unmerge()`` takes it out again. A merged layer does not train its adapter: unmerge before training.
@@ -63,12 +70,14 @@ class FusedLoraLinear(nn.Module):
         use_rslora: bool = False,
         device=None,
         dtype=None,
+        adapter_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         base = DenseBase(nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False))
         bias_param = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
-        self._setup(base, bias_param, r, lora_alpha, lora_dropout, use_rslora, **factory)
+        self._setup(base, bias_param, r, lora_alpha, lora_dropout, use_rslora, device,
+                    adapter_dtype_for(base.compute_dtype, adapter_dtype))
         # nn.Linear's initialisation (after the adapters', an order kept for seeded runs)
         base.reset_parameters()
         if bias_param is not None:
@@ -77,20 +86,25 @@ class FusedLoraLinear(nn.Module):
 
     @classmethod
     def from_base(cls, base: BaseWeight, bias: Optional[torch.Tensor] = None, r: int = 8, lora_alpha: float = 16,
-                  lora_dropout: float = 0.0, use_rslora: bool = False,
-                  compute_dtype: Optional[torch.dtype] = None) -> "FusedLoraLinear":
+                  lora_dropout: float = 0.0, use_rslora: bool = False, compute_dtype: Optional[torch.dtype] = None,
+                  adapter_dtype: Optional[torch.dtype] = None) -> "FusedLoraLinear":
         """A layer around an existing base weight (its storage is used as it is, not copied) and an optional bias
-        Parameter (shared, frozen). ``compute_dtype`` (the adapters' dtype) defaults to the base's dtype."""
-        dtype = check_compute_dtype(compute_dtype or base.dtype, base.compute_dtypes)
-        if not base.casts_input and dtype != base.dtype:
-            raise ValueError(f"compute_dtype={dtype} differs from the dense base weight's {base.dtype}: a dense base "
-                             "computes in its own dtype (cast the weight instead)")
+        Parameter (shared, frozen). ``compute_dtype``: the dtype of the math, set on a quantized base (default: the
+        base's own); a dense base computes in its weight's dtype. ``adapter_dtype``: the dtype of A and B (default:
+        :func:`~fused_lora.validation.adapter_dtype_for` the compute dtype, PEFT's rule)."""
+        if compute_dtype is not None and compute_dtype != base.compute_dtype:
+            if not base.casts_input:
+                raise ValueError(f"compute_dtype={compute_dtype} differs from the dense base weight's {base.dtype}: a "
+                                 "dense base computes in its own dtype (cast the weight instead)")
+            base.compute_dtype = compute_dtype
+        check_compute_dtype(base.compute_dtype, base.compute_dtypes)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._setup(base, bias, r, lora_alpha, lora_dropout, use_rslora, device=base.device, dtype=dtype)
+        layer._setup(base, bias, r, lora_alpha, lora_dropout, use_rslora, base.device,
+                     adapter_dtype_for(base.compute_dtype, adapter_dtype))
         return layer
 
-    def _setup(self, base, bias, r, lora_alpha, lora_dropout, use_rslora, device, dtype) -> None:
+    def _setup(self, base, bias, r, lora_alpha, lora_dropout, use_rslora, device, adapter_dtype) -> None:
         self.r = check_rank(r)
         self.lora_alpha = check_alpha(lora_alpha)
         self.lora_dropout = check_dropout(lora_dropout)
@@ -103,15 +117,15 @@ class FusedLoraLinear(nn.Module):
             bias.requires_grad_(False)
         self.base = base
         self.bias = bias
-        factory = {"device": device, "dtype": dtype}
+        factory = {"device": device, "dtype": adapter_dtype}
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, **factory))
         # Whether W holds the adapter's delta: a buffer, so that a state dict carries it with the weight it
         # describes (loading one restores both); the Python bool is what forward reads (no device sync).
         self.register_buffer("lora_merged", torch.zeros((), dtype=torch.bool, device=device))
         self._merged = False
-        # Names of the model's other tensors overlapping W's memory (tied weights), found by apply_lora /
-        # from_peft: merging into W in place would change them too.
+        # Names of the model's other tensors overlapping W's memory (tied weights), found by apply_lora: merging
+        # into W in place would change them too.
         self.weight_shared_with: Tuple[str, ...] = ()
         self.reset_lora_parameters()
 
@@ -176,7 +190,13 @@ class FusedLoraLinear(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """The dtype of the adapters and of the math."""
+        """The dtype of the math: the activations (a quantized base casts its input to it), W as the products take
+        it, the output of the fused op."""
+        return self.base.compute_dtype
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """The dtype of ``lora_A`` and ``lora_B`` (and of their gradients)."""
         return self.lora_A.dtype
 
     def base_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -201,13 +221,15 @@ class FusedLoraLinear(nn.Module):
         compute_dtype: Optional[torch.dtype] = None,
         blocksize: int = 64,
         double_quant: bool = True,
+        adapter_dtype: Optional[torch.dtype] = None,
     ) -> "FusedLoraLinear":
         """Wrap an existing ``nn.Linear``.
 
         ``quantize=None``: its ``weight`` and ``bias`` Parameters are shared (no copy) and frozen.
         ``quantize="nf4"``: the weight is quantized to NF4 exactly as ``bitsandbytes.functional.quantize_4bit``
         does (``blocksize``, ``double_quant`` = bitsandbytes' ``compress_statistics``); only the 4-bit form is
-        kept. ``compute_dtype`` (default: the linear's dtype) is the dtype of the adapters and of the math.
+        kept. ``compute_dtype`` (default: the linear's dtype) is the dtype of the math over the NF4 base.
+        ``adapter_dtype``: the dtype of A and B (default: PEFT's, fp32 over fp16 / bf16 math, see the class).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
@@ -223,7 +245,8 @@ class FusedLoraLinear(nn.Module):
                 f"from_linear expects an nn.Linear; {type(linear).__module__}.{type(linear).__qualname__} is a "
                 "subclass with its own forward, whose behaviour FusedLoraLinear would drop: not supported"
             )
-        lora = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+        lora = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                    adapter_dtype=adapter_dtype)
         if quantize is None:
             if compute_dtype is not None and compute_dtype != linear.weight.dtype:
                 raise ValueError("compute_dtype applies to quantized bases; cast the linear itself for a dense one")
@@ -231,7 +254,7 @@ class FusedLoraLinear(nn.Module):
         if quantize != "nf4":
             raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
         nf4 = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
-        return cls.from_base(NF4Base(nf4), linear.bias, compute_dtype=compute_dtype or linear.weight.dtype, **lora)
+        return cls.from_base(NF4Base(nf4, compute_dtype), linear.bias, **lora)
 
     @classmethod
     def from_bnb(
@@ -242,13 +265,16 @@ class FusedLoraLinear(nn.Module):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         compute_dtype: Optional[torch.dtype] = None,
+        adapter_dtype: Optional[torch.dtype] = None,
     ) -> "FusedLoraLinear":
         """Wrap a bitsandbytes ``Linear4bit`` (NF4) without re-quantizing: its packed weight and statistics are
         shared, its bias Parameter too. ``compute_dtype`` defaults to the Linear4bit's own, else the weight's
-        original dtype. fp4 and other unsupported quantizations raise a ValueError."""
+        original dtype; ``adapter_dtype`` to PEFT's rule (fp32 over fp16 / bf16 math, see the class). fp4 and other
+        unsupported quantizations raise a ValueError."""
         nf4 = NF4Weight.from_bnb(linear4bit)
         dtype = compute_dtype or getattr(linear4bit, "compute_dtype", None) or nf4.dtype
-        return cls.from_base(NF4Base(nf4), linear4bit.bias, r, lora_alpha, lora_dropout, use_rslora, dtype)
+        return cls.from_base(NF4Base(nf4, dtype), linear4bit.bias, r, lora_alpha, lora_dropout, use_rslora,
+                             adapter_dtype=adapter_dtype)
 
     # ------------------------------------------------------------------------------------------------------------
     # forward
@@ -278,9 +304,10 @@ class FusedLoraLinear(nn.Module):
         return self._merged
 
     def delta_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """``scaling * B @ A`` ``[out, in]``, computed in ``dtype`` (default: fp32, or float64 for a float64 layer:
-        at least the precision of the weight it is added to)."""
-        dtype = dtype or torch.promote_types(self.base.dtype, torch.float32)
+        """``scaling * B @ A`` ``[out, in]``, computed in ``dtype`` (default: fp32, or float64 for a float64 weight
+        or float64 adapters: at least the precision of the weight it is added to and of the adapters, so that the
+        merged weight is rounded once, into the weight's dtype)."""
+        dtype = dtype or torch.promote_types(torch.promote_types(self.base.dtype, self.adapter_dtype), torch.float32)
         return (self.lora_B.detach().to(dtype) @ self.lora_A.detach().to(dtype)) * self.scaling
 
     def _check_not_shared(self, what: str) -> None:
@@ -378,5 +405,5 @@ class FusedLoraLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, bias={self.bias is not None}, "
             f"use_rslora={self.use_rslora}, compute_dtype={str(self.compute_dtype).replace('torch.', '')}, "
-            f"merged={self.merged}"
+            f"adapter_dtype={str(self.adapter_dtype).replace('torch.', '')}, merged={self.merged}"
         )

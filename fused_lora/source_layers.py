@@ -29,7 +29,8 @@ class SourceLayer:
 
     ``matches(module, quantize)``: whether ``module`` is of this kind (``quantize``: apply_lora's argument);
     ``check(name, module)``: raises for a module of this kind that still cannot be adapted (naming it);
-    ``build(module, r=, lora_alpha=, lora_dropout=, use_rslora=)``: the ``FusedLoraLinear`` replacing it, over
+    ``build(module, r=, lora_alpha=, lora_dropout=, use_rslora=, adapter_dtype=)`` (a
+    :class:`~fused_lora.hyperparams.LayerHyperparams`' fields): the ``FusedLoraLinear`` replacing it, over
     ``module``'s own weight and bias (shared, not copied) or their quantized form.
     """
 

@@ -5,6 +5,11 @@ masks and the same rounding points as the kernels (``xa`` and ``gb`` are rounded
 product accumulates in at least fp32). The math and its derivation are in
 :class:`fused_lora.functional.FusedLoraFunction`.
 
+Adapters wider than the activations (fp32 A / B over bf16 x, as PEFT keeps them): the small ``[r, K]`` / ``[N, r]``
+matrices are rounded to the activation dtype, where the kernels round their tiles, and then converted to the
+dtype the products run in; x is never converted for them. The gradients of A and B come back in the adapters'
+dtype, scaled in the wider of that dtype and the compute dtype (one rounding).
+
 Speed on CPU comes from what is *not* done: no separate scale or add passes (``addmm`` with ``alpha = scaling``
 accumulates the LoRA term into the base product in place), no stored dropout mask (it is regenerated from the
 seed), and no copy of x into the adapter dtype.
@@ -13,12 +18,17 @@ Half precision on the CPU follows one of two compute policies (:func:`set_cpu_ha
 
 * ``"fp32"``: the products are computed in fp32 and rounded once to the activation dtype -- what a native
   half-precision GEMM with fp32 accumulation computes, only faster where the CPU has no bf16/fp16 matrix units (no
-  AVX512-BF16 / AMX): PyTorch's half-precision matmuls there are 10-150x slower than fp32.
-* ``"native"``: the products run in the activation dtype (PyTorch's own half-precision GEMMs).
+  AVX512-BF16 / AMX): PyTorch's half-precision matmuls there are 10-150x slower than fp32. This policy converts x
+  (and g) to fp32 on purpose, a transient copy per product; the gradients of fp32 adapters are then fp32 results,
+  never rounded to half precision.
+* ``"native"``: the products run in the activation dtype (PyTorch's own half-precision GEMMs): no copy of x in
+  another dtype. With fp32 adapters, the products giving their gradients come rounded to the activation dtype out
+  of their half-precision GEMMs (PyTorch's CPU GEMMs have no half-in, fp32-out form); the Triton kernels return
+  them unrounded.
 * ``"auto"`` (default): ``"native"`` where the CPU has native units for the dtype, ``"fp32"`` elsewhere.
 
-Both policies round at the same points; they can differ in the last bit of an element (summation order). CUDA
-tensors always compute in their own dtype.
+Both policies round at the same points (but for the adapters' gradients just said); they can differ in the last bit
+of an element (summation order). CUDA tensors always compute in their own dtype, as the native policy.
 """
 
 from __future__ import annotations
@@ -107,7 +117,7 @@ def lora_forward(
     """``y = x @ W^T + scaling * xa @ B^T + bias`` with ``xa = D(x) @ A^T``, for 2-D x; ``weight`` a dense tensor
     or :class:`~fused_lora.nf4.NF4Operands`. Returns ``(y, xa)``."""
     dtype, cdt = x.dtype, compute_dtype(x)
-    xc, ac = x.to(cdt), lora_A.to(cdt)
+    xc, ac = x.to(cdt), _rounded(lora_A, dtype, cdt)
     bc = None if bias is None else bias.to(cdt)
 
     # The base GEMM first, then the products that read x again while it is still in cache.
@@ -116,7 +126,7 @@ def lora_forward(
     # xa is kept in the activation dtype (it is saved for backward); the up-projection uses the rounded
     # value, exactly as the Triton kernels do.
     xa = xa.to(dtype)
-    y.addmm_(xa.to(cdt), _transposed(lora_B, cdt), alpha=scaling)
+    y.addmm_(xa.to(cdt), _transposed(_rounded(lora_B, dtype, cdt)), alpha=scaling)
     return y.to(dtype), xa
 
 
@@ -170,10 +180,22 @@ def _masked_lora_grads(dx, gb, a, xc, dropout: Dropout, dx_scale: float, need_da
     return da
 
 
-def _transposed(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _rounded(adapter: torch.Tensor, dtype: torch.dtype, cdt: torch.dtype) -> torch.Tensor:
+    """A or B (small) as the products take it: rounded to the activation dtype ``dtype`` (where the kernels round
+    their tiles), then in the compute dtype ``cdt`` (itself, no copy, when already in both)."""
+    return adapter.to(dtype).to(cdt)
+
+
+def _transposed(t: torch.Tensor) -> torch.Tensor:
     """A contiguous transpose of B (small): g @ B and the B-update of y run 20-40% faster on CPU BLAS with the rank
     dimension contiguous (measured at 2048 x 1024 x 16 in fp32)."""
-    return t.to(dtype).t().contiguous()
+    return t.t().contiguous()
+
+
+def _scaled_to(product: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``scale * product`` in ``dtype`` (an adapter's gradient), scaled in the wider of ``dtype`` and the product's
+    dtype: a half-precision product for fp32 adapters is rounded once (by its GEMM), not again after the scaling."""
+    return product.to(torch.promote_types(product.dtype, dtype)).mul_(scale).to(dtype)
 
 
 def lora_backward(
@@ -194,17 +216,17 @@ def lora_backward(
     need_dx, need_dw, need_da, need_db, need_dbias = needs
     dtype, cdt = x.dtype, compute_dtype(x)
     g = grad_out.to(cdt)
-    ac = lora_A.to(cdt)
+    ac = _rounded(lora_A, dtype, cdt)
     dx = dw = da = db = dbias = None
 
     if need_dx:
         dx = torch.mm(g, dense_weight(weight, dtype).to(cdt))
     if need_dx or need_da:
         # gb = g @ B, rounded to the activation dtype like the kernels' stored gb.
-        gb = F.linear(g, _transposed(lora_B, cdt)).to(dtype).to(cdt)
+        gb = F.linear(g, _transposed(_rounded(lora_B, dtype, cdt))).to(dtype).to(cdt)
     if need_db:
         # (xa^T g)^T as F.linear(xa^T, g^T): the fastest of the equivalent layouts on CPU BLAS (measured)
-        db = F.linear(xa.to(cdt).t(), g.t()).mul_(scaling).t().contiguous().to(lora_B.dtype)
+        db = _scaled_to(F.linear(xa.to(cdt).t(), g.t()), scaling, lora_B.dtype).t().contiguous()
     if need_dbias:
         dbias = g.sum(0).to(dtype)
     if need_dw:
@@ -216,13 +238,11 @@ def lora_backward(
             dx.addmm_(gb, ac, alpha=scaling)
         if need_da:
             # gb^T x as F.linear(gb^T, x^T): likewise the fastest layout measured
-            da = F.linear(gb.t(), x.to(cdt).t()).mul_(scaling)
+            da = F.linear(gb.t(), x.to(cdt).t())
     elif need_dx or need_da:
         da = _masked_lora_grads(dx, gb, ac, x.to(cdt), dropout, lora_scale, need_da)
-        if need_da:
-            da.mul_(lora_scale)
     if need_dx:
         dx = dx.to(dtype)
     if need_da:
-        da = da.to(lora_A.dtype)
+        da = _scaled_to(da, lora_scale, lora_A.dtype)
     return dx, dw, da, db, dbias

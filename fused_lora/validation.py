@@ -9,13 +9,15 @@ Booleans are refused where a number is expected (``True`` is an ``int`` in Pytho
 integers): ``r=True`` is a mistake, not a rank of 1.
 
 The dtypes: activations and dense weights may be :data:`FLOAT_DTYPES` (float64 on the torch path only);
-quantized weights compute in :data:`HALF_AND_SINGLE`.
+quantized weights compute in :data:`HALF_AND_SINGLE`. The adapters (A and B, one dtype) may be in another dtype than
+the math they enter (fp32 over bf16, as PEFT keeps them): :func:`adapter_dtype_for` is the rule a new layer's follow.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from typing import Optional
 
 import torch
 
@@ -48,6 +50,23 @@ def check_compute_dtype(dtype: torch.dtype, allowed=FLOAT_DTYPES, name: str = "c
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise ValueError(f"{name} must be one of {names}, got {dtype}")
     return dtype
+
+
+def check_adapter_dtype(dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    """An ``adapter_dtype`` argument: None (PEFT's default, :func:`adapter_dtype_for`) or one of
+    :data:`FLOAT_DTYPES`."""
+    return None if dtype is None else check_compute_dtype(dtype, name="adapter_dtype")
+
+
+def adapter_dtype_for(compute_dtype: torch.dtype, adapter_dtype: Optional[torch.dtype] = None) -> torch.dtype:
+    """The dtype of a new layer's LoRA A and B over math in ``compute_dtype``: ``adapter_dtype`` when given (any of
+    :data:`FLOAT_DTYPES`, e.g. ``torch.bfloat16`` for all-bf16 training), else PEFT's default
+    (``autocast_adapter_dtype=True``): float32 adapters over float16 / bfloat16 math -- the optimizer then updates
+    fp32 weights, whose small steps a half-precision weight would round away -- and the compute dtype itself
+    otherwise (float32, float64)."""
+    if adapter_dtype is None:
+        return torch.float32 if compute_dtype in (torch.float16, torch.bfloat16) else compute_dtype
+    return check_adapter_dtype(adapter_dtype)
 
 
 def check_dropout(value, name: str = "lora_dropout", where: str = "") -> float:

@@ -18,6 +18,12 @@ and 5 and never touches memory. Everything accumulates in fp32; ``xa`` and ``gb`
 dtype (they are the operands of later tensor-core products). fp32 inputs follow
 ``torch.backends.cuda.matmul.allow_tf32`` like PyTorch's own matmuls ("ieee" otherwise).
 
+A and B may be fp32 over fp16 / bf16 activations (PEFT's adapters): their tiles are converted to the activation
+dtype in registers, right after the load (a no-op when the dtypes agree; other rank tiles, see
+``_FP32_ADAPTERS_SEED_BLOCK_R``), and the dA / dB accumulators stay fp32 until they are converted once, on the host,
+to the adapters' dtype. Adapters in any other dtype are rounded to the activation dtype by the launch wrappers
+(``_adapter_operand``).
+
 Kernels 2 and 4 are the same GEMM skeleton (``_gemm_tile``, ``_lora_seed``, ``_gemm_main_loop``,
 ``_store_tile``) with their own epilogue between the pieces: kernel 2 reduces over K and adds the bias, kernel 4
 reduces over N and applies the dropout mask to its LoRA term.
@@ -95,8 +101,9 @@ def _lora_seed(
 ):
     """fp32 ``left[rm_in, :R] @ right_op[:R, ro_in]``: a GEMM's LoRA term, unscaled, which seeds its accumulator.
 
-    ``left``: the ``[M, R]`` xa or gb. ``right``: B ``[OUT, R]`` read as B^T (RIGHT_T) or A ``[R, OUT]``.
-    r is small: a few dots."""
+    ``left``: the ``[M, R]`` xa or gb, in the activation dtype. ``right``: B ``[OUT, R]`` read as B^T (RIGHT_T) or
+    A ``[R, OUT]``, in the adapters' dtype, converted to the left operand's after the load (both dot operands
+    need one type). r is small: a few dots."""
     acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
     left_ptrs = left_ptr + rm_in[:, None] * stride_lm + rr[None, :] * stride_lr
     if RIGHT_T:
@@ -108,7 +115,7 @@ def _lora_seed(
     for r0 in range(0, R, BLOCK_R):
         r_ok = (r0 + rr) < R
         left = tl.load(left_ptrs, mask=r_ok[None, :], other=0.0)
-        right = tl.load(right_ptrs, mask=r_ok[:, None], other=0.0)
+        right = tl.load(right_ptrs, mask=r_ok[:, None], other=0.0).to(left_ptr.dtype.element_ty)
         acc = tl.dot(left, right, acc, input_precision=INPUT_PRECISION)
         left_ptrs += BLOCK_R * stride_lr
         right_ptrs += BLOCK_R * stride_rr
@@ -174,7 +181,8 @@ def _lora_down_kernel(
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """xa[BLOCK_M, BLOCK_R] = D(x) @ A^T for one row block and one rank block. M_BUCKET: autotuning key only."""
+    """xa[BLOCK_M, BLOCK_R] = D(x) @ A^T for one row block and one rank block (A's tiles converted to x's dtype
+    after the load). M_BUCKET: autotuning key only."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -190,7 +198,7 @@ def _lora_down_kernel(
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             x = tl.where(dropout_keep(rm, k0 + rk, K, drop_key, drop_threshold), x, 0.0)
-        at = tl.load(at_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        at = tl.load(at_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(x_ptr.dtype.element_ty)
         acc = tl.dot(x, at, acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         at_ptrs += BLOCK_K * stride_ak
@@ -240,8 +248,8 @@ def _lora_grad_out_kernel(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """One pass over a block of rows of g: gb = g @ B (complete per program), and this block's share of
-    dB = scaling * g^T @ xa and dbias = colsum(g).
+    """One pass over a block of rows of g: gb = g @ B (complete per program; B's tiles converted to g's dtype after
+    the load), and this block's share of dB = scaling * g^T @ xa and dbias = colsum(g).
 
     The dB / dbias shares are added atomically into fp32 buffers, or, with PARTIALS (torch's deterministic mode),
     written to a per-row-block slice ``[pid_m]`` that the host sums in a fixed order.
@@ -267,7 +275,7 @@ def _lora_grad_out_kernel(
         n_ok = (n0 + rn) < N
         g = tl.load(g_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         if STORE_GB:
-            b = tl.load(b_ptrs, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(g_ptr.dtype.element_ty)
             gb = tl.dot(g, b, gb, input_precision=INPUT_PRECISION)
         if COMPUTE_DB:
             db = tl.dot(tl.trans(g), xa, input_precision=INPUT_PRECISION) * scaling
@@ -370,7 +378,9 @@ def _lora_grad_a_kernel(
 # "ieee" = exact fp32 on FMA units, whose dots keep both operands in registers: hence its smaller tiles (larger ones
 # spill). "-nf4": the GEMMs with NF4 weights dequantized in the main loop, used for at most NF4_FUSED_MAX_TOKENS
 # rows: narrow row tiles, since the pipeliner multi-buffers the decoder's gathers and the wide dense tiles would not
-# fit in shared memory.
+# fit in shared memory. "-fp32a": the dense GEMMs with fp32 adapters over 16-bit activations (their LoRA seed
+# converts fp32 tiles, 16 rank columns at a time: _FP32_ADAPTERS_SEED_BLOCK_R): the "half" tilings, but for one
+# dgrad tile at 3 stages (ptxas gave it a stack frame at 4).
 
 
 class GemmTile(NamedTuple):
@@ -417,6 +427,7 @@ _GEMM_TILES = dict(
 )
 _FWD_TILES = dict(
     _GEMM_TILES,
+    half_fp32a=_GEMM_TILES["half"],
     ieee=[
         GemmTile(num_warps=8, num_stages=2, rows=64, cols=64, step=16),
         GemmTile(num_warps=8, num_stages=2, rows=32, cols=64, step=32),
@@ -440,6 +451,13 @@ _FWD_TILES = dict(
 )
 _DGRAD_TILES = dict(
     _GEMM_TILES,
+    half_fp32a=[
+        GemmTile(num_warps=8, num_stages=3, rows=128, cols=256, step=64),
+        GemmTile(num_warps=8, num_stages=4, rows=128, cols=128, step=64),
+        GemmTile(num_warps=4, num_stages=4, rows=64, cols=128, step=64),
+        GemmTile(num_warps=4, num_stages=3, rows=128, cols=64, step=64),  # "half"'s at 4 stages: a stack frame
+        GemmTile(num_warps=4, num_stages=4, rows=64, cols=64, step=64),
+    ],
     ieee=[
         GemmTile(num_warps=8, num_stages=3, rows=64, cols=64, step=16),
         GemmTile(num_warps=8, num_stages=2, rows=32, cols=64, step=32),
@@ -559,10 +577,36 @@ LAUNCHERS = (LORA_DOWN, LINEAR_FWD, GRAD_OUT, DGRAD, GRAD_A)
 # Rank handled per tile: tl.dot needs >= 16, and more than 64 columns of rank per tile costs registers for no gain
 # (larger ranks loop or use more programs).
 _MAX_BLOCK_R = 64
+# fp32 adapters over 16-bit activations: each fp32 A / B tile is held in registers for its conversion, and the
+# kernels that load them were measured (benchmarks.aot, Triton 3.6 and 3.9) to need other rank tiles. lora_down: at
+# most 32 (64 spilled on sm_80 at its 64 x 128 tile; for 32 < r <= 64 x is then read by two programs). The LoRA
+# seed of the dense GEMMs ("-fp32a" tilings): 16 whatever r (32 and 64 spilled at their 128 x 256 tiles; the seed
+# loops over r). That of the NF4 GEMMs: 64 whatever r (16 and 32 spilled at their 32 x 128 tile on Triton 3.6; the
+# masked rank columns cost a few short dots). grad_out and grad_a: as for adapters in x's dtype.
+_FP32_ADAPTERS_DOWN_MAX_BLOCK_R = 32
+_FP32_ADAPTERS_SEED_BLOCK_R = {False: 16, True: _MAX_BLOCK_R}  # by W_NF4
 
 
-def block_r(r: int) -> int:
-    return min(_MAX_BLOCK_R, max(16, triton.next_power_of_2(r)))
+def block_r(r: int, limit: int = _MAX_BLOCK_R) -> int:
+    return min(limit, max(16, triton.next_power_of_2(r)))
+
+
+def _down_block_r(r: int, fp32_adapters: bool) -> int:
+    return block_r(r, _FP32_ADAPTERS_DOWN_MAX_BLOCK_R if fp32_adapters else _MAX_BLOCK_R)
+
+
+def _seed_block_r(r: int, fp32_adapters: bool, w_nf4: bool) -> int:
+    """BLOCK_R of a GEMM's LoRA seed (``_lora_seed``)."""
+    return _FP32_ADAPTERS_SEED_BLOCK_R[w_nf4] if fp32_adapters else block_r(r)
+
+
+def _adapter_operand(adapter: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
+    """A or B as the kernels read it: as it is in x's dtype, or in fp32 over fp16 / bf16 x (PEFT's adapters; each
+    tile is rounded to x's dtype in registers, a signature compiled and checked ahead of time); any other adapter
+    dtype is rounded to x's dtype here -- the same rounding, once, on a tiny ``[r, K]`` / ``[N, r]`` tensor."""
+    if adapter.dtype == x_dtype or (adapter.dtype == torch.float32 and x_dtype in (torch.float16, torch.bfloat16)):
+        return adapter
+    return adapter.to(x_dtype)
 
 
 def m_bucket(m: int) -> int:
@@ -643,29 +687,32 @@ def lora_forward(
     backward)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
-    BLOCK_R, prec, bucket = block_r(R), input_precision(x), m_bucket(M)
+    lora_A, lora_B = _adapter_operand(lora_A, x.dtype), _adapter_operand(lora_B, x.dtype)
+    fp32_adapters, prec, bucket = lora_A.dtype != x.dtype, input_precision(x), m_bucket(M)
+    down_r = _down_block_r(R, fp32_adapters)
     family = config_family(x.dtype, prec)
     xa = torch.empty((M, R), dtype=x.dtype, device=x.device)
     drop = _dropout_args(dropout)
     LORA_DOWN(
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BLOCK_R)), family,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, down_r)), family,
         x_ptr=x, a_ptr=lora_A, xa_ptr=xa, M=M, K=K, R=R, M_BUCKET=bucket,
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
         stride_xam=xa.stride(0), stride_xar=xa.stride(1),
         drop_scale=1.0 if dropout is None else dropout.scale, **drop,
-        INPUT_PRECISION=prec, BLOCK_R=BLOCK_R,
+        INPUT_PRECISION=prec, BLOCK_R=down_r,
     )
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     w_args = _weight_args(weight, M, x.dtype)
     LINEAR_FWD(
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
-        config_family(x.dtype, prec, w_args["W_NF4"]),
+        config_family(x.dtype, prec, w_args["W_NF4"], fp32_adapters),
         x_ptr=x, xa_ptr=xa, b_ptr=lora_B, bias_ptr=bias if bias is not None else y, y_ptr=y,
         M=M, N=N, K=K, R=R, M_BUCKET=bucket, **w_args,
         stride_xm=x.stride(0), stride_xk=x.stride(1),
         stride_xam=xa.stride(0), stride_xar=xa.stride(1), stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
         stride_bias=bias.stride(0) if bias is not None else 0, stride_ym=y.stride(0), stride_yn=y.stride(1),
-        scaling=scaling, HAS_BIAS=bias is not None, INPUT_PRECISION=prec, BLOCK_R=BLOCK_R,
+        scaling=scaling, HAS_BIAS=bias is not None, INPUT_PRECISION=prec,
+        BLOCK_R=_seed_block_r(R, fp32_adapters, w_args["W_NF4"]),
     )
     return y, xa
 
@@ -728,7 +775,10 @@ def lora_backward(
     g = grad_out
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
-    BLOCK_R, prec, bucket = block_r(R), input_precision(x), m_bucket(M)
+    dtype_a, dtype_b = lora_A.dtype, lora_B.dtype  # of the gradients
+    lora_A, lora_B = _adapter_operand(lora_A, x.dtype), _adapter_operand(lora_B, x.dtype)
+    fp32_adapters, prec, bucket = lora_A.dtype != x.dtype, input_precision(x), m_bucket(M)
+    BLOCK_R = block_r(R)
     family = config_family(x.dtype, prec)
     drop = _dropout_args(dropout)
     lora_scale = scaling * (1.0 if dropout is None else dropout.scale)
@@ -737,7 +787,7 @@ def lora_backward(
     need_gb = need_dx or need_da
     if need_gb or need_db or need_dbias:
         gb, db, dbias = _grad_out(g, lora_B, xa, scaling, need_gb, need_db, need_dbias, prec, family, BLOCK_R)
-        db = db.to(lora_B.dtype) if db is not None else None
+        db = db.to(dtype_b) if db is not None else None  # fp32 accumulators: rounded once, if at all
         dbias = dbias.to(g.dtype) if dbias is not None else None
 
     if need_dx:
@@ -745,12 +795,13 @@ def lora_backward(
         w_args = _weight_args(weight, M, x.dtype)
         DGRAD(
             lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),),
-            config_family(x.dtype, prec, w_args["W_NF4"]),
+            config_family(x.dtype, prec, w_args["W_NF4"], fp32_adapters),
             g_ptr=g, gb_ptr=gb, a_ptr=lora_A, dx_ptr=dx, M=M, N=N, K=K, R=R, M_BUCKET=bucket,
             **w_args, stride_gm=g.stride(0), stride_gn=g.stride(1),
             stride_gbm=gb.stride(0), stride_gbr=gb.stride(1), stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
             stride_dxm=dx.stride(0), stride_dxk=dx.stride(1),
-            lora_scale=lora_scale, **drop, INPUT_PRECISION=prec, BLOCK_R=BLOCK_R,
+            lora_scale=lora_scale, **drop, INPUT_PRECISION=prec,
+            BLOCK_R=_seed_block_r(R, fp32_adapters, w_args["W_NF4"]),
         )
 
     if need_da:
@@ -763,7 +814,7 @@ def lora_backward(
             stride_dap=partial.stride(0), stride_dar=partial.stride(1), stride_dak=partial.stride(2),
             lora_scale=lora_scale, **drop, INPUT_PRECISION=prec, BLOCK_R=BLOCK_R,
         )
-        da = partial.sum(0).to(lora_A.dtype)
+        da = partial.sum(0).to(dtype_a)
 
     if need_dw:
         # Only when the user unfroze a dense W: the weight gradient is a plain GEMM with nothing to fuse.

@@ -211,23 +211,55 @@ def test_load_into_existing_layers(llama, tmp_path):
 # ------------------------------------------------------------------------------------------------ bitwise round trip
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_round_trip_is_bitwise(tmp_path, dtype):
+@pytest.mark.parametrize("dtype,adapter_dtype,stored", [
+    (torch.float32, None, torch.float32),
+    (torch.bfloat16, None, torch.float32),  # PEFT's default: fp32 adapters over a bf16 model
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+])
+def test_round_trip_is_bitwise(tmp_path, dtype, adapter_dtype, stored):
     base = tiny_llama(dtype=dtype)
-    ours = our_adapted(base, r=8, lora_alpha=16, alpha_pattern={"o_proj": 4})
+    ours = our_adapted(base, r=8, lora_alpha=16, alpha_pattern={"o_proj": 4}, adapter_dtype=adapter_dtype)
     save_adapter(ours, tmp_path / "a")
-    back = load_adapter(copy.deepcopy(base), tmp_path / "a")
+    back = load_adapter(copy.deepcopy(base), tmp_path / "a", adapter_dtype=adapter_dtype)
     mine, theirs = dict(lora_layers(ours)), dict(lora_layers(back))
     assert mine.keys() == theirs.keys()
     for name in mine:
         for part in ("lora_A", "lora_B"):
             a, b = getattr(mine[name], part), getattr(theirs[name], part)
-            assert a.dtype == b.dtype == dtype and torch.equal(a, b), f"{name}.{part}"
+            assert a.dtype == b.dtype == stored and torch.equal(a, b), f"{name}.{part}"
         assert (mine[name].r, mine[name].lora_alpha, mine[name].scaling) == (
             theirs[name].r, theirs[name].lora_alpha, theirs[name].scaling)
     save_adapter(back, tmp_path / "b")  # and the files are identical
     assert (tmp_path / "a" / SAFETENSORS_NAME).read_bytes() == (tmp_path / "b" / SAFETENSORS_NAME).read_bytes()
     assert (tmp_path / "a" / CONFIG_NAME).read_text() == (tmp_path / "b" / CONFIG_NAME).read_text()
+
+
+def test_saved_keys_and_dtypes_match_peft(tmp_path):
+    """The same bf16 model adapted by PEFT (get_peft_model, default autocast_adapter_dtype: fp32 adapters) and by
+    apply_lora (whose default follows it), PEFT's adapter values copied into ours: the two adapter files hold the same
+    keys, each with the same dtype and the same values (lm_head in modules_to_save: bf16 in both)."""
+    base = tiny_llama(dtype=torch.bfloat16)
+    config = dict(r=8, lora_alpha=16, modules_to_save=["lm_head"])
+    theirs = peft_adapted(base, target_modules=TARGETS, **config)
+    ours = our_adapted(base, **config)
+    root = theirs.base_model.model
+    with torch.no_grad():
+        for name, layer in lora_layers(ours):
+            layer.lora_A.copy_(root.get_submodule(name).lora_A["default"].weight)
+            layer.lora_B.copy_(root.get_submodule(name).lora_B["default"].weight)
+    theirs.save_pretrained(tmp_path / "peft")
+    save_adapter(ours, tmp_path / "ours")
+    files = {}
+    for who in ("peft", "ours"):
+        with safe_open(str(tmp_path / who / SAFETENSORS_NAME), "pt") as f:
+            files[who] = {key: f.get_tensor(key) for key in f.keys()}
+    assert files["ours"].keys() == files["peft"].keys()
+    dtypes = {key: t.dtype for key, t in files["peft"].items()}
+    assert {key: t.dtype for key, t in files["ours"].items()} == dtypes
+    assert {dtypes[key] for key in dtypes if ".lora_" in key} == {torch.float32}
+    assert dtypes[f"{PREFIX}lm_head.weight"] == torch.bfloat16
+    for key, t in files["peft"].items():
+        assert torch.equal(files["ours"][key], t), key
 
 
 def test_bin_fallback(llama, tmp_path):

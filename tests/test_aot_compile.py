@@ -1,7 +1,8 @@
 """Every kernel and every shipped launch configuration compiles ahead of time for sm_80 and sm_90 (no GPU needed):
 no spills (cuobjdump STACK = LOCAL = 0), shared memory within the target's limit, tensor-core instructions
-wherever a tl.dot runs on 16-bit or tf32 operands. Runs ``python -m benchmarks.aot`` in a subprocess: the compile
-needs TRITON_INTERPRET unset."""
+wherever a tl.dot runs on 16-bit or tf32 operands -- also with fp32 adapters over bf16 activations (PEFT's adapter
+dtype), whose A / B tiles the kernels convert after loading them. Runs ``python -m benchmarks.aot`` in a
+subprocess: the compile needs TRITON_INTERPRET unset."""
 
 from __future__ import annotations
 
@@ -62,6 +63,36 @@ def test_every_shipped_configuration_is_covered(results):
                 for target in aot.TARGETS:
                     key = (launcher.name, family, name, cfg.num_warps, cfg.num_stages, target)
                     assert key in compiled, f"not compiled: {key}"
+
+
+def test_fp32_adapters_are_compiled(results):
+    """The launches with fp32 A / B over bf16 x and g (dense and in-loop NF4 weights) really pass fp32 adapters to
+    every kernel that loads A or B, and each of those launches is compiled in every tiling of its family for both
+    targets (the check above then holds them to zero spills and tensor-core instructions)."""
+    import torch
+
+    rows, _ = results
+    compiled = {(r["kernel"], r["variant"], r["config"], r["target"]) for r in rows}
+    captures = [c for c in aot.capture_launches() if "fp32-adapters" in c.variant]
+    assert {(c.launcher, c.variant) for c in captures} == {
+        *((k, "fp32-adapters") for k in ("_lora_down_kernel", "_lora_linear_fwd_kernel", "_lora_grad_out_kernel",
+                                         "_lora_dgrad_kernel")),
+        *((k, "nf4-fp32-adapters") for k in ("_lora_linear_fwd_kernel", "_lora_dgrad_kernel")),
+        # the rank tiles lora_down (16, 32) and grad_out (16, 32, 64) take for r = 16, 32, 64
+        ("_lora_down_kernel", "fp32-adapters-r16"), ("_lora_grad_out_kernel", "fp32-adapters-r16"),
+        ("_lora_grad_out_kernel", "fp32-adapters-r32"),
+    }
+    for capture in captures:
+        adapters = [capture.args[k].dtype for k in ("a_ptr", "b_ptr") if k in capture.args]
+        assert capture.dtype == "bfloat16" and adapters == [torch.float32], (capture.launcher, capture.variant)
+        launcher = next(launcher for launcher in aot.all_launchers() if launcher.name == capture.launcher)
+        family = "half-nf4" if capture.variant.startswith("nf4") else next(
+            f for f in ("half-fp32a", "half") if f in launcher.configs)  # the dense GEMMs: their own tilings
+        for cfg in launcher.configs[family]:
+            name = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+            for target in aot.TARGETS:
+                key = (capture.launcher, f"bfloat16/{capture.variant}/{family}", name, target)
+                assert key in compiled, f"not compiled: {key}"
 
 
 def test_tested_triton_range_is_declared_consistently():

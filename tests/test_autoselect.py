@@ -129,8 +129,8 @@ def test_benchmark_column_says_which_path_auto_ran(monkeypatch, tmp_path):
     cuda = torch.device("cuda")
     assert suite.auto_path_label(shape, cuda) == ""
     for name, m in (("lora_forward", 8192), ("lora_backward", 5000), ("lora_forward", 100)):  # 5000 -> 8192 bucket
-        key = _autoselect.ProblemKey(name, "cuda:0", _autoselect._pow2(m), 4096, 4096, 16, "torch.bfloat16", False,
-                                     False, True, True, False, ())
+        key = _autoselect.ProblemKey(name, "cuda:0", _autoselect._pow2(m), 4096, 4096, 16, "torch.bfloat16",
+                                     "torch.bfloat16", False, False, True, True, False, ())
         sel.choose(key, {"triton": None, "torch": None})
     assert suite.auto_path_label(shape, cuda) == "forward=triton backward=torch"
     assert suite.auto_path_label(shape, torch.device("cpu")) == "torch"

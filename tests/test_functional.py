@@ -378,7 +378,8 @@ def test_every_shipped_config_in_interpreter():
     loop / rank grid (r = 80: one full 64-wide rank tile and a partial one), grouped ordering and the split-M dA
     reduction are configuration dependent; the shape spans at least two of the largest tiles in every dimension.
     The other kernels run with their largest tiles meanwhile, which keeps the interpreter fast. The "-nf4"
-    tilings run with an NF4 weight and a token count that takes the in-loop dequantization path."""
+    tilings run with an NF4 weight and a token count that takes the in-loop dequantization path, the "-fp32a" ones
+    with fp32 adapters."""
     import contextlib
 
     from fused_lora.kernels import lora
@@ -394,6 +395,8 @@ def test_every_shipped_config_in_interpreter():
             inp = make_inputs(M, K, N, r, dtype, "cpu")
             grad = inp.pop("grad")
             weight = quantize_nf4(inp.pop("weight")) if nf4 else inp.pop("weight")
+            if family.endswith("-fp32a"):  # tilings of the GEMMs converting fp32 adapter tiles
+                inp["lora_A"], inp["lora_B"] = inp["lora_A"].float(), inp["lora_B"].float()
 
             def run(backend):
                 fn = fused_fn(backend, 1.5, 0.2, seed=4)
@@ -461,7 +464,10 @@ def _valid(**over):
         (dict(lora_B=torch.randn(6, 3)), ValueError, r"lora_B has shape \[6, 3\]; expected \[out_features, r\] = \[6, 2\]"),
         (dict(weight=torch.randn(6, 8, 1)), ValueError, r"weight must be 2-D"),
         (dict(bias=torch.randn(5)), ValueError, r"bias has shape \[5\]"),
-        (dict(lora_A=torch.randn(2, 8, dtype=torch.float64)), TypeError, r"dtype mismatch: x is torch.float32 but lora_A is torch.float64"),
+        (dict(lora_A=torch.randn(2, 8, dtype=torch.float64)), TypeError,
+         r"dtype mismatch: lora_A is torch.float64 but lora_B is torch.float32"),
+        (dict(weight=torch.randn(6, 8, dtype=torch.float64)), TypeError,
+         r"dtype mismatch: x is torch.float32 but weight is torch.float64"),
         (dict(x=torch.randn(4, 8).half()), TypeError, r"dtype mismatch"),
         (dict(x=torch.randint(0, 3, (4, 8))), TypeError, r"x has dtype torch.int64"),
         (dict(scaling=float("nan")), ValueError, r"scaling=nan must be a finite number"),

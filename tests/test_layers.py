@@ -24,10 +24,12 @@ def _peft_layer(base: nn.Linear, r, lora_alpha, lora_dropout=0.0, use_rslora=Fal
 
 
 def _pair(in_f, out_f, r, alpha, dtype, device, use_rslora=False, bias=True):
-    """A PEFT layer and a FusedLoraLinear with identical base and adapter weights (B random, not PEFT's zeros)."""
+    """A PEFT layer and a FusedLoraLinear with identical base and adapter weights (B random, not PEFT's zeros), the
+    adapters in ``dtype``: PEFT's lora.Linear built directly keeps them in its base's dtype (get_peft_model's fp32
+    adapters over half-precision bases: test_adapter_dtype.py)."""
     base = nn.Linear(in_f, out_f, bias=bias, dtype=dtype, device=device)
     ours = FusedLoraLinear(in_f, out_f, r=r, lora_alpha=alpha, bias=bias, use_rslora=use_rslora, dtype=dtype,
-                           device=device)
+                           device=device, adapter_dtype=dtype)
     with torch.no_grad():
         ours.weight.copy_(base.weight)
         if bias:
@@ -166,5 +168,6 @@ def test_wrong_input_width_names_the_problem():
 
 
 def test_repr_mentions_configuration():
-    text = repr(FusedLoraLinear(8, 4, r=2, lora_alpha=4, lora_dropout=0.1))
+    text = repr(FusedLoraLinear(8, 4, r=2, lora_alpha=4, lora_dropout=0.1, dtype=torch.bfloat16))
     assert "r=2" in text and "lora_alpha=4" in text and "lora_dropout=0.1" in text
+    assert "compute_dtype=bfloat16" in text and "adapter_dtype=float32" in text

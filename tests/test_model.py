@@ -430,11 +430,12 @@ def test_merge_and_unload_keeps_bias_and_leaves_tied_weights_alone():
 
 
 def test_merge_rounds_once_in_bf16():
-    """bf16 base: W + s * B @ A is formed in fp32 and rounded once, so every merged element is within half a bf16
-    ulp of the float64 value, up to the fp32 error of the r-term product (orders of magnitude below a bf16 ulp)."""
+    """bf16 base and bf16 adapters: W + s * B @ A is formed in fp32 and rounded once, so every merged element is
+    within half a bf16 ulp of the float64 value, up to the fp32 error of the r-term product of bf16 values (orders of
+    magnitude below a bf16 ulp). (fp32 adapters: test_adapter_dtype.py.)"""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(96, 80)).to(torch.bfloat16)
-    apply_lora(model, ["0"], r=8, lora_alpha=16)
+    apply_lora(model, ["0"], r=8, lora_alpha=16, adapter_dtype=torch.bfloat16)
     randomize_B(model, std=0.05)
     layer = model[0]
     exact = layer.weight.double() + layer.scaling * (layer.lora_B.double() @ layer.lora_A.double())

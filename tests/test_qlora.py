@@ -41,6 +41,8 @@ def _format_exact_bitsandbytes():
 
 
 def _nf4_layer(M_unused, K, N, r, dtype, device, bias=True, p=0.0, seed=0):
+    """An NF4 layer computing in ``dtype``, its adapters in ``dtype`` too (fp32 adapters over half-precision NF4
+    layers, the default, are tested in test_adapter_dtype.py)."""
     gen = torch.Generator().manual_seed(seed)
     linear = nn.Linear(K, N, bias=bias)
     with torch.no_grad():
@@ -48,7 +50,7 @@ def _nf4_layer(M_unused, K, N, r, dtype, device, bias=True, p=0.0, seed=0):
         if bias:
             linear.bias.copy_(torch.randn(N, generator=gen))
     layer = FusedLoraLinear.from_linear(linear.to(device), r=r, lora_alpha=2 * r, lora_dropout=p, quantize="nf4",
-                                        compute_dtype=dtype)
+                                        compute_dtype=dtype, adapter_dtype=dtype)
     with torch.no_grad():
         layer.lora_B.copy_(torch.randn(N, r, generator=gen) * r**-0.5)
     return layer
@@ -169,7 +171,8 @@ def test_from_bnb_reads_the_packed_weight_as_it_is():
 def test_matches_peft_on_bitsandbytes_linear4bit(device, backend, compute_dtype):
     """Same outputs and gradients of x, A, B as PEFT's QLoRA layer (lora.bnb.Linear4bit) with identical weights."""
     K, N, r = 96, 40, 8
-    ours = FusedLoraLinear.from_bnb(_bnb_linear4bit(K, N, compute_dtype, seed=5), r=r, lora_alpha=16)
+    ours = FusedLoraLinear.from_bnb(_bnb_linear4bit(K, N, compute_dtype, seed=5), r=r, lora_alpha=16,
+                                    adapter_dtype=compute_dtype)  # as the PEFT layer below (built directly)
     # PEFT gets its own, identical Linear4bit (its forward may repack a CPU weight in place).
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
@@ -397,16 +400,19 @@ def test_both_nf4_kernel_paths_run():
 
 
 def test_module_dtype_casts_keep_the_nf4_statistics_exact():
-    """model.to(dtype) / .half() cast the adapters (the compute dtype follows) but never the NF4 statistics, which
+    """model.to(dtype) / .half() set the compute dtype and cast the adapters but never the NF4 statistics, which
     are fp32 by format: casting them would change every dequantized weight."""
     layer = _nf4_layer(0, 128, 64, 8, torch.float32, "cpu")
-    before = {name: buf.clone() for name, buf in layer.named_buffers()}
+    before = {name: buf.clone() for name, buf in layer.base.named_buffers() if name.startswith("nf4_")}
     w32 = layer.base_weight(torch.float32)
-    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
+    for cast, dtype in ((lambda m: m.to(torch.bfloat16), torch.bfloat16), (lambda m: m.half(), torch.float16),
+                        (lambda m: m.float(), torch.float32)):
         cast(layer)
-        for name, buf in layer.named_buffers():
+        after = {name: buf for name, buf in layer.base.named_buffers() if name.startswith("nf4_")}
+        assert after.keys() == before.keys()
+        for name, buf in after.items():
             assert buf.dtype == before[name].dtype and torch.equal(buf, before[name]), name
-        assert layer.lora_A.dtype == layer.compute_dtype
+        assert layer.compute_dtype == layer.lora_A.dtype == dtype
         assert torch.equal(layer.base_weight(torch.float32), w32)
         y = layer(torch.randn(3, 128))
         assert y.dtype == torch.float32 and torch.isfinite(y).all()

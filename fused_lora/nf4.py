@@ -579,10 +579,6 @@ class NF4Weight:
         if quant_type != "nf4":
             raise ValueError(f"unsupported bitsandbytes quant_type {quant_type!r}: fused-lora reads NF4 weights only "
                              "(quant_type='nf4'); re-quantize the layer with quant_type='nf4'")
-        if getattr(qs, "packing_format_for_cpu", False):
-            raise ValueError("this weight was repacked by bitsandbytes' CPU inference path (packing_format_for_cpu: "
-                             "a different nibble layout and a bf16 absmax), which cannot be read back exactly; "
-                             "take the weight before running Linear4bit.forward on the CPU, or reload it")
         shape = tuple(getattr(qs, "shape", None) or ())
         if len(shape) != 2:
             raise ValueError(f"NF4Weight holds 2-D [out, in] weights; the quant state has shape {shape}")
@@ -597,6 +593,8 @@ class NF4Weight:
         if code.dtype != torch.float32 or code.numel() != 16 or not torch.equal(code.cpu(), NF4_CODE):
             raise ValueError("the quant state's code table (quant_map) is not the NF4 table: bitsandbytes ignores it "
                              "when dequantizing, so it cannot be honoured exactly")
+        if getattr(qs, "packing_format_for_cpu", False):
+            return cls._from_cpu_inference_layout(packed, qs, shape)
         dtype = qs.dtype
         if dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"unsupported quant state dtype {dtype}")
@@ -615,6 +613,29 @@ class NF4Weight:
         if absmax.dtype != torch.float32:
             absmax = absmax.float()  # bitsandbytes' dequantize does the same
         return cls(absmax=absmax.reshape(-1), **common)
+
+    @classmethod
+    def _from_cpu_inference_layout(cls, packed: torch.Tensor, qs: Any, shape: Tuple[int, ...]) -> "NF4Weight":
+        """A weight bitsandbytes repacked for its AVX512-BF16 CPU inference kernel (``Linear4bit.forward`` in eval
+        mode without grad does it, in place): codes shuffled in tiles of 32 rows, absmax rounded to bf16 and stored
+        ``[in / blocksize, out]``, double quantization undone. The values bitsandbytes computes with from then on
+        are ``code[nibble] * absmax_bf16``: read back exactly as a new plain-absmax NF4 weight in the standard
+        layout (a copy, since the layout differs; bitsandbytes' own inverse re-quantizes the absmax, which is not
+        exact)."""
+        n, k = shape
+        block_n = 32  # bitsandbytes' _convert_weight_packed_for_cpu tile height
+        if packed.numel() * 2 != n * k or n % block_n or k % qs.blocksize:
+            raise ValueError(f"unexpected CPU-repacked bitsandbytes layout ({packed.numel()} bytes) for shape "
+                             f"{list(shape)}")
+        # each 32-byte row holds a [32 rows x 2 columns] tile: low nibbles the first 32 (row, column) pairs, high
+        # nibbles the next 32
+        tiles = packed.reshape(-1, block_n)
+        pairs = torch.cat([tiles & 0xF, tiles >> 4], dim=-1).reshape(n // block_n, k // 2, block_n, 2)
+        codes = pairs.transpose(1, 2).reshape(-1)  # [out, in] in row-major order
+        standard = ((codes[0::2] << 4) | codes[1::2]).to(torch.uint8).reshape(-1, 1)
+        absmax = qs.absmax.detach().t().reshape(-1).float()  # bf16 -> fp32 is exact
+        return cls(data=standard, absmax=absmax.contiguous(), blocksize=qs.blocksize, shape=shape,
+                   dtype=getattr(qs, "original_dtype", torch.float32), code=qs.code.detach().contiguous().reshape(16))
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> "NF4Weight":

@@ -7,6 +7,7 @@ Everything here is exact: no tolerances (bf16 in the Triton interpreter too, thr
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -552,6 +553,27 @@ def test_fp4_is_refused():
         NF4Weight.from_state_dict(lin.state_dict())
 
 
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpu_inference_repacked_weight_reads_exactly(nested, dtype):
+    """bitsandbytes' CPU inference path (Linear4bit.forward in eval without grad, on AVX512-BF16 CPUs) repacks the
+    weight in place: nibbles shuffled in tiles of 32 rows, absmax rounded to bf16 and transposed, double
+    quantization undone. Read back, the weight is exactly what bitsandbytes computes with from then on: the same
+    4-bit codes (taken from the standard layout before the repack) times the bf16-rounded absmax. The repack is
+    bitsandbytes' own pure-PyTorch function, so this runs on any CPU."""
+    packed, qs = F.quantize_4bit(_weight((96, 128), dtype, seed=23), quant_type="nf4", compress_statistics=nested)
+    standard = NF4Weight.from_bnb((packed, qs))
+    # the absmax the repack starts from, decoded as bitsandbytes' repack decodes it
+    absmax = (F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset) if nested else qs.absmax
+    expected = NF4Weight(data=standard.data, absmax=absmax.to(torch.bfloat16).float(), blocksize=64,
+                         shape=(96, 128), dtype=dtype, code=standard.code)
+    repacked, rqs = F._convert_weight_packed_for_cpu(packed.clone(), copy.deepcopy(qs))
+    read = NF4Weight.from_bnb((repacked, rqs))
+    assert torch.equal(read.data, standard.data)  # the codes, back in the standard layout
+    assert read.dtype == dtype and not read.nested
+    assert torch.equal(read.dequantize(torch.float32), expected.dequantize(torch.float32))
+
+
 def test_unsupported_states_are_refused():
     # not quantized yet
     with pytest.raises(ValueError, match="not quantized yet"):
@@ -560,12 +582,6 @@ def test_unsupported_states_are_refused():
     packed, qs = F.quantize_4bit(torch.randn(3, 4, 64), quant_type="nf4")
     with pytest.raises(ValueError, match="2-D"):
         NF4Weight.from_bnb((packed, qs))
-    # repacked by bitsandbytes' CPU inference path (what Linear4bit.forward may do on AVX512-BF16 CPUs)
-    packed, qs = F.quantize_4bit(_weight((32, 64), torch.bfloat16, seed=23), quant_type="nf4",
-                                 compress_statistics=True)
-    repacked, qs = F._convert_weight_packed_for_cpu(packed.clone(), qs)
-    with pytest.raises(ValueError, match="packing_format_for_cpu"):
-        NF4Weight.from_bnb((repacked, qs))
     # a code table other than NF4's under quant_type "nf4"
     packed, qs = F.quantize_4bit(_weight((8, 64), torch.float32, seed=24), quant_type="nf4")
     qs.code = qs.code * 0.5

@@ -67,6 +67,14 @@ def build_peft(K, N, r, p, dtype, device):
     return layer
 
 
+def build_fused_in_peft(K, N, r, p, dtype, device):
+    """PEFT's own layer accelerated by ``fused_lora.from_peft``: the "peft" provider computed by fused-lora (what
+    a PEFT user gets from the one-line switch, including the per-call dispatch)."""
+    import fused_lora
+
+    return fused_lora.from_peft(build_peft(K, N, r, p, dtype, device))
+
+
 def build_naive(K, N, r, p, dtype, device):
     layer = NaiveLora(_frozen_linear(K, N, dtype, device), r, 2 * r, p)
     _set_adapters(layer.lora_A, layer.lora_B)
@@ -171,6 +179,7 @@ def build_peft_nf4(K, N, r, p, dtype, device):
 PROVIDERS: Dict[str, Callable] = {
     "fused": build_fused,
     "peft": build_peft,
+    "fused-in-peft": build_fused_in_peft,
     "naive": build_naive,
     "naive+compile": build_naive_compiled,
     "base": build_base,
@@ -184,7 +193,7 @@ PROVIDERS: Dict[str, Callable] = {
 def available(provider: str) -> bool:
     """Whether a provider's dependencies import here (peft; bitsandbytes for ``peft-nf4``)."""
     try:
-        if provider.startswith("peft"):
+        if provider.startswith("peft") or provider.endswith("-peft"):
             import peft  # noqa: F401
         if provider == "peft-nf4":
             import bitsandbytes  # noqa: F401

@@ -139,7 +139,7 @@ def table(measurements: List[Measurement]) -> str:
     return "\n".join(out)
 
 
-_ORDER = ["fused", "fused-nf4", "peft", "peft-nf4", "nf4-dequant", "naive", "naive+compile", "base"]
+_ORDER = ["fused", "fused-in-peft", "fused-nf4", "peft", "peft-nf4", "nf4-dequant", "naive", "naive+compile", "base"]
 
 
 def peft_counterpart(provider: str) -> str:

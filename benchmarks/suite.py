@@ -81,7 +81,7 @@ def useful_flops(shape: Shape, mode: str) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-DENSE = ("fused", "peft", "naive", "naive+compile", "base")
+DENSE = ("fused", "fused-in-peft", "peft", "naive", "naive+compile", "base")
 QLORA = ("fused-nf4", "peft-nf4", "base")
 
 
@@ -92,7 +92,8 @@ def cpu_default() -> List[Tuple[Shape, Tuple[str, ...], Tuple[str, ...]]]:
     mode; torch.compile (about 20 s per compilation here) only at the goal shape."""
     out = []
     for p in (0.0, 0.1):
-        out.append((Shape(512, 1024, 1024, 16, p, torch.float32), ("fused", "peft", "naive", "base"), MODES))
+        out.append((Shape(512, 1024, 1024, 16, p, torch.float32), ("fused", "fused-in-peft", "peft", "naive", "base"),
+                    MODES))
         out.append((Shape(2048, 1024, 1024, 16, p, torch.float32), DENSE, MODES))
         out.append((Shape(2048, 1024, 1024, 16, p, torch.bfloat16), ("fused", "peft", "base"), ("full",)))
     out.append((Shape(512, 1024, 1024, 16, 0.1, torch.float32), QLORA, MODES))

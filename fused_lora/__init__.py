@@ -3,13 +3,18 @@
 Public API::
 
     fused_lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, training=True, seed=None)
-    FusedLoraLinear(in_features, out_features, r=8, lora_alpha=16, lora_dropout=0.0, bias=True, use_rslora=False)
+    FusedLoraLinear(in_features, out_features, r=8, lora_alpha=16, lora_dropout=0.0, bias=True, use_rslora=False,
+                    device=None, dtype=None, adapter_dtype=None)
     FusedLoraLinear.from_linear(linear, r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=False,
-                                quantize=None | "nf4", compute_dtype=None)
-    FusedLoraLinear.from_bnb(linear4bit, r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=False, compute_dtype=None)
+                                quantize=None | "nf4", compute_dtype=None, adapter_dtype=None)
+    FusedLoraLinear.from_bnb(linear4bit, r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=False, compute_dtype=None,
+                             adapter_dtype=None)
+    (adapter_dtype=None: PEFT's default, fp32 adapters over fp16 / bf16 math; apply_lora takes it too)
     quantize_nf4(weight, blocksize=64, double_quant=True) -> NF4Weight
-    apply_lora(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=False, quantize=None, ...)
-    from_peft(peft_model), merge_and_unload(model), print_trainable_parameters(model)
+    apply_lora(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=False, quantize=None,
+               ..., adapter_dtype=None)
+    from_peft(peft_model) -> the same PeftModel, accelerated in place; restore_peft(model); fusion_summary(model)
+    merge_and_unload(model), print_trainable_parameters(model)
     save_adapter(model, path, base_model_name_or_path=None), load_adapter(model, path)
     set_backend("auto" | "triton" | "torch"), use_backend(name), get_backend(), auto_choices()
     set_cpu_half_compute("auto" | "fp32" | "native"), use_cpu_half_compute(policy), get_cpu_half_compute()
@@ -23,7 +28,7 @@ from .functional import FusedLoraFunction, fused_lora_linear
 from .layers import FusedLoraLinear
 from .merging import merge_and_unload
 from .nf4 import NF4Weight, quantize_nf4
-from .peft_conversion import from_peft
+from .peft_native import FusionSummary, from_peft, fusion_summary, restore_peft
 from .torch_ops import get_cpu_half_compute, set_cpu_half_compute, use_cpu_half_compute
 
 __version__ = "0.1.0"
@@ -33,9 +38,11 @@ __all__ = [
     "clear_auto_choices",
     "FusedLoraFunction",
     "FusedLoraLinear",
+    "FusionSummary",
     "NF4Weight",
     "apply_lora",
     "from_peft",
+    "fusion_summary",
     "fused_lora_linear",
     "get_backend",
     "get_cpu_half_compute",
@@ -44,6 +51,7 @@ __all__ = [
     "merge_and_unload",
     "print_trainable_parameters",
     "quantize_nf4",
+    "restore_peft",
     "save_adapter",
     "set_backend",
     "set_cpu_half_compute",

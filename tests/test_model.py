@@ -1,5 +1,5 @@
 """Model-level API: apply_lora's module selection and freezing against PEFT's get_peft_model, parameter counts,
-training parity with PEFT, from_peft, merge_and_unload, and the error cases.
+training parity with PEFT, merge_and_unload, and the error cases (from_peft: test_peft_native.py).
 
 Models: a tiny random Llama built from a config (nothing downloaded) and small hand-written modules.
 
@@ -25,7 +25,6 @@ from torch import nn
 from fused_lora import (
     FusedLoraLinear,
     apply_lora,
-    from_peft,
     lora_layers,
     merge_and_unload,
     print_trainable_parameters,
@@ -306,95 +305,6 @@ def test_training_with_dropout_decreases_the_loss_like_peft(llama):
         assert sum(losses[-3:]) < sum(losses[:3]), losses
     assert our_losses[0] == plain_losses[0]  # B = 0 at step 0: dropout cannot change the first loss
     assert our_losses[1:] != plain_losses[1:]
-
-
-# ------------------------------------------------------------------------------------------------ from_peft
-
-
-def test_from_peft_outputs_and_continued_training(llama):
-    theirs = peft_lora(copy.deepcopy(llama), target_modules=LLAMA_TARGETS, r=8, lora_alpha=16, use_rslora=True,
-                       rank_pattern={"o_proj": 4}, alpha_pattern={"up_proj": 4})
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for module in theirs.modules():
-            if isinstance(module, LoraLayer):
-                module.lora_B["default"].weight.copy_(torch.randn(module.lora_B["default"].weight.shape, generator=gen) * 0.05)
-    twin = copy.deepcopy(theirs)  # keeps training as PEFT after `theirs` is converted
-    x = tokens()
-    with torch.no_grad():
-        expected = theirs(x).logits
-    peft_layers = {n: m for n, m in theirs.base_model.model.named_modules() if isinstance(m, LoraLayer)}
-
-    ours = from_peft(theirs)
-    assert type(ours) is transformers.LlamaForCausalLM and ours is theirs.base_model.model
-    assert not any(isinstance(m, LoraLayer) for m in ours.modules())
-    assert our_names(ours) == set(peft_layers)
-    for name, layer in lora_layers(ours):
-        peft_layer = peft_layers[name]
-        assert layer.weight is peft_layer.base_layer.weight
-        assert torch.equal(layer.lora_A, peft_layer.lora_A["default"].weight)
-        assert torch.equal(layer.lora_B, peft_layer.lora_B["default"].weight)
-        assert (layer.r, layer.lora_alpha, layer.use_rslora, layer.scaling) == (
-            peft_layer.r["default"], peft_layer.lora_alpha["default"], True, peft_layer.scaling["default"])
-    with torch.no_grad():
-        assert_close_fp32(ours(x).logits, expected, "logits")
-    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
-        f"{n}.{ab}" for n in peft_layers for ab in ("lora_A", "lora_B")}
-
-    assert_losses_close(train(ours, x, steps=3), train(twin, x, steps=3))
-
-
-def test_from_peft_keeps_modules_to_save_and_dropout(llama):
-    theirs = peft_lora(copy.deepcopy(llama), target_modules=["q_proj", "v_proj"], lora_dropout=0.1,
-                       modules_to_save=["lm_head"])
-    with torch.no_grad():
-        theirs.base_model.model.lm_head.modules_to_save["default"].weight.mul_(2.0)
-    x = tokens()
-    with torch.no_grad():
-        expected = theirs(x).logits
-    trained_head = theirs.base_model.model.lm_head.modules_to_save["default"]
-    ours = from_peft(theirs)
-    assert ours.lm_head is trained_head and ours.lm_head.weight.requires_grad
-    assert all(layer.lora_dropout == 0.1 for _, layer in lora_layers(ours))
-    assert ours._fused_lora_meta.modules_to_save_names == ["lm_head"]
-    with torch.no_grad():
-        assert_close_fp32(ours(x).logits, expected, "logits")
-
-
-def _peft_tiny(**config):
-    return peft_lora(Tiny(conv1d=config.pop("conv1d", False)), **config)
-
-
-@pytest.mark.parametrize("make,exc,match", [
-    (lambda: _peft_tiny(target_modules=["proj"], use_dora=True), ValueError, "'proj'.*DoRA"),
-    (lambda: _peft_tiny(target_modules=["proj"], lora_bias=True), ValueError, "'proj'.*lora_bias"),
-    (lambda: _peft_tiny(target_modules=["proj"], conv1d=True, fan_in_fan_out=True), TypeError, "'proj'.*fan_in_fan_out"),
-    (lambda: _peft_tiny(target_modules=["emb", "proj"]), TypeError, "'emb'.*Embedding"),
-    (lambda: _peft_tiny(target_modules=["proj"], bias="all"), ValueError, "bias='all'"),
-])
-def test_from_peft_unsupported(make, exc, match):
-    peft_model = make()
-    with pytest.raises(exc, match=match):
-        from_peft(peft_model)
-    assert any(isinstance(m, LoraLayer) for m in peft_model.modules())  # nothing was converted
-
-
-def test_from_peft_refuses_multiple_merged_disabled_and_other_methods():
-    two = _peft_tiny(target_modules=["proj"])
-    two.add_adapter("other", peft.LoraConfig(target_modules=["head"]))
-    with pytest.raises(ValueError, match=r"2 adapters \['default', 'other'\]"):
-        from_peft(two)
-    merged = _peft_tiny(target_modules=["proj"])
-    merged.merge_adapter()
-    with pytest.raises(ValueError, match="'proj' is merged"):
-        from_peft(merged)
-    disabled = _peft_tiny(target_modules=["proj"])
-    with disabled.disable_adapter():
-        with pytest.raises(ValueError, match="'proj' has its adapters disabled"):
-            from_peft(disabled)
-    ia3 = peft.get_peft_model(Tiny(), peft.IA3Config(target_modules=["proj"], feedforward_modules=[]))
-    with pytest.raises(ValueError, match="peft_type='IA3'"):
-        from_peft(ia3)
 
 
 # ------------------------------------------------------------------------------------------------ merge_and_unload

@@ -241,16 +241,6 @@ def test_encoder_fast_path_really_skips_the_adapter():
     assert (used - base).abs().max() > 1e-3
 
 
-def test_from_peft_records_tied_weights():
-    peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-    model = peft.get_peft_model(_Tied(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"]))
-    with pytest.warns(UserWarning, match=r"lm_head: the base weight is shared with embed.weight"):
-        converted = fused_lora.from_peft(model)
-    with pytest.raises(RuntimeError, match="tied weights"):
-        converted.lm_head.merge()
-
-
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_partial_and_old_state_dicts_keep_the_merged_state_consistent(quantize):
     """Loading only A and B into a merged layer unmerges and merges again; loading only a base weight (no flag)

@@ -1,0 +1,390 @@
+"""Accelerating a PEFT model in place: ``from_peft``, ``restore_peft``, ``fusion_summary``.
+
+PEFT's LoRA layers stay what they are -- the same modules, parameter objects and names, adapter dicts, PeftModel
+wrapper -- so everything downstream (``save_pretrained``, Trainer checkpoints and resume, ``disable_adapter``,
+``merge_and_unload``, ``add_adapter`` / ``set_adapter``, optimizer state keyed by parameter name) is PEFT's own code,
+unchanged. Only the *computation* of a layer's forward changes: ``from_peft`` gives each ``lora.Linear`` (over an
+``nn.Linear`` or a transformers ``Conv1D``) and each ``lora.bnb.Linear4bit`` (over a bitsandbytes NF4 ``Linear4bit``)
+a subclass whose ``forward`` computes, for the one active adapter ``a``::
+
+    y = base(x) + scaling[a] * lora_B[a](lora_A[a](lora_dropout[a](x)))
+
+as one call of :func:`fused_lora.fused_lora_linear`, reading PEFT's parameters where they are (no copies; fp32
+adapters on a half-precision base stay fp32, and their gradients land there). Anything that call does not compute
+goes to PEFT's own forward, for that layer or that call -- the same numbers, never an error -- and is counted:
+
+* per layer (the state of the layer): a LoRA variant (DoRA, ...), ``lora_bias``, a dropout module other than
+  ``nn.Dropout`` / ``nn.Identity``, a base other than ``nn.Linear`` / ``Conv1D`` / NF4 ``Linear4bit`` (FP4), hooks on the base or adapter modules (accelerate offloading,
+  DeepSpeed ZeRO-3: the parameters are only complete inside those hooks), adapters whose shapes do not match;
+* per call: several adapters active at once, ``adapter_names`` (mixed-adapter batches), extra forward arguments,
+  an input dtype the base layer itself would refuse, torch.func transforms and forward-mode AD.
+
+Disabled adapters, merged layers and layers without an active adapter run PEFT's forward too (it is only the base
+layer then): that is not a fallback. Layers of other PEFT classes (Embedding, Conv, 8-bit, MultiheadAttention, ...)
+are left alone. :func:`fusion_summary` tells which layers are fused, which are left to PEFT and why, and how many calls
+fell back; ``from_peft`` warns when anything is left to PEFT, and each kind of per-call fallback warns once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.autograd.forward_ad as _forward_ad
+from torch import nn
+
+from .functional import fused_lora_linear
+from .layers import is_plain_linear
+from .nf4 import NF4Weight, bitsandbytes_classes
+from .validation import HALF_AND_SINGLE
+
+__all__ = ["FusionSummary", "from_peft", "fusion_summary", "restore_peft"]
+
+# PEFT's layer classes fused-lora accelerates: the name of the fused subclass -> (module, class name) of PEFT's.
+_PEFT_CLASSES = {
+    "FusedLinear": ("peft.tuners.lora.layer", "Linear"),
+    "FusedLinear4bit": ("peft.tuners.lora.bnb", "Linear4bit"),
+}
+_FALLBACKS_ATTR = "_fused_lora_fallbacks"  # on a fused layer: {reason: number of calls PEFT's forward computed}
+_NAME_ATTR = "_fused_lora_name"  # on a fused layer: its name in the model given to from_peft (for messages)
+_warned_reasons: set = set()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fused subclasses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _FusedForward:
+    """The ``forward`` of a fused PEFT layer; mixed in ahead of PEFT's class, whose forward is the fallback."""
+
+    def forward(self, x, *args, **kwargs):
+        adapter, reason = _fused_call_plan(self, x, args, kwargs)
+        if adapter is None:
+            if reason is not None:
+                _record_fallback(self, reason)
+            return super().forward(x, *args, **kwargs)
+        return _fused_forward(self, adapter, x)
+
+
+def _peft_class(fused_name: str) -> Optional[type]:
+    """PEFT's class behind a fused subclass name; None when it cannot be imported (e.g. bitsandbytes missing)."""
+    import importlib
+
+    module_name, class_name = _PEFT_CLASSES[fused_name]
+    try:
+        return getattr(importlib.import_module(module_name), class_name, None)
+    except ImportError:
+        return None
+
+
+def _fused_class(fused_name: str) -> type:
+    """The fused subclass of a PEFT layer class, made once. It lives in this module's namespace under its name, so
+    that pickle (``torch.save`` of a whole model) finds it, also in a fresh process (see ``__getattr__``)."""
+    cls = globals().get(fused_name)
+    if cls is None:
+        base = _peft_class(fused_name)
+        if base is None:
+            raise AttributeError(f"{__name__}.{fused_name}: PEFT's {'.'.join(_PEFT_CLASSES[fused_name])} is not "
+                                 "importable here")
+        cls = type(fused_name, (_FusedForward, base), {"__module__": __name__, "__qualname__": fused_name,
+                                                          "__doc__": f"PEFT's {base.__name__}, computed by fused-lora"})
+        globals()[fused_name] = cls
+    return cls
+
+
+def __getattr__(name: str):  # PEP 562: unpickling a fused layer in a process that has not called from_peft yet
+    if name in _PEFT_CLASSES:
+        return _fused_class(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _fused_name_for(module: nn.Module) -> Optional[str]:
+    """The fused subclass name for a PEFT layer of exactly one of the accelerated classes, else None (subclasses
+    of them may compute differently)."""
+    cls = type(module)
+    for fused_name, (module_name, class_name) in _PEFT_CLASSES.items():
+        if cls.__module__ == module_name and cls.__name__ == class_name:
+            return fused_name
+    return None
+
+
+def _is_fused(module: nn.Module) -> bool:
+    return isinstance(module, _FusedForward)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a call computes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _base_kind(base: nn.Module) -> Tuple[Optional[str], Optional[str]]:
+    """``("dense" | "conv1d" | "nf4", None)`` for a base the fused path computes, else ``(None, reason)``."""
+    if is_plain_linear(base):
+        return "dense", None
+    cls = type(base)
+    if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):
+        return "conv1d", None  # GPT-2 style: weight [in, out], forward = bias + x @ weight
+    bnb = bitsandbytes_classes(base)
+    if "Linear4bit" in bnb:
+        qs = getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)
+        if qs is None:
+            return None, "bitsandbytes Linear4bit not quantized yet"
+        if qs.quant_type != "nf4":
+            return None, f"bitsandbytes quant_type={qs.quant_type!r} (fused-lora reads NF4)"
+        return "nf4", None
+    if bnb:
+        return None, f"bitsandbytes {cls.__name__} base (fused-lora reads NF4 Linear4bit)"
+    return None, f"{cls.__module__}.{cls.__qualname__} base (fused-lora computes nn.Linear, Conv1D and NF4 bases)"
+
+
+def _layer_reason(layer: nn.Module, adapter: str) -> Optional[str]:
+    """Why the fused path cannot compute ``adapter`` on this layer as it is now, or None."""
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is not None or getattr(layer, "use_dora", {}).get(adapter, False):
+        name = type(variant).__name__ if variant is not None else "DoRA"
+        return f"LoRA variant {name.replace('LinearVariant', '') or name} (PEFT computes variants)"
+    lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
+    if getattr(layer, "lora_bias", {}).get(adapter, False) or lora_B.bias is not None or lora_A.bias is not None:
+        return "lora_bias=True"
+    dropout = layer.lora_dropout[adapter]
+    if type(dropout) not in (nn.Dropout, nn.Identity):
+        return f"dropout module {type(dropout).__name__}"
+    base = layer.get_base_layer()
+    kind, reason = _base_kind(base)
+    if reason is not None:
+        return reason
+    if kind != "nf4" and getattr(layer, "fan_in_fan_out", False) != (kind == "conv1d"):
+        return f"fan_in_fan_out={layer.fan_in_fan_out} over a {type(base).__name__}"
+    if any(_has_hooks(m) for m in (base, lora_A, lora_B)):
+        return "forward hooks on the base or adapter modules (e.g. accelerate offloading, DeepSpeed ZeRO-3)"
+    in_features, out_features = layer.in_features, layer.out_features
+    A, B = lora_A.weight, lora_B.weight
+    if A.dim() != 2 or B.dim() != 2 or A.shape[1] != in_features or B.shape[0] != out_features \
+            or A.shape[0] != B.shape[1]:
+        return (f"adapter shapes lora_A {list(A.shape)} / lora_B {list(B.shape)} do not fit the "
+                f"[{out_features}, {in_features}] base (sharded or replaced parameters)")
+    if not A.is_floating_point() or A.dtype != B.dtype:
+        return f"adapter dtypes lora_A {A.dtype} / lora_B {B.dtype}"
+    return None
+
+
+def _active_adapter(layer: nn.Module) -> Tuple[Optional[str], Optional[str]]:
+    """``(adapter, None)`` when exactly one adapter of this layer is active and unmerged, ``(None, None)`` when PEFT's
+    forward is just the base layer (adapters disabled, merged, none active here), ``(None, reason)`` otherwise."""
+    if layer.disable_adapters or layer.merged:
+        return None, None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if not active:
+        return None, None
+    if len(active) > 1:
+        return None, f"several adapters active at once ({', '.join(active)})"
+    return active[0], None
+
+
+def _fused_call_plan(layer: nn.Module, x, args, kwargs) -> Tuple[Optional[str], Optional[str]]:
+    """``(adapter, None)``: compute this call fused; ``(None, reason)``: PEFT's forward computes it, a fallback;
+    ``(None, None)``: PEFT's forward computes it and it is only the base layer."""
+    if kwargs.get("adapter_names") is not None:
+        return None, "adapter_names (mixed-adapter batch)"
+    extra = [k for k, v in kwargs.items() if v is not None and k != "adapter_names"]
+    if args or extra:
+        return None, f"extra forward arguments ({', '.join(extra) or f'{len(args)} positional'})"
+    adapter, reason = _active_adapter(layer)
+    if adapter is None:
+        return None, reason
+    reason = _layer_reason(layer, adapter)
+    if reason is not None:
+        return None, reason
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return None, f"input of type {getattr(x, 'dtype', type(x).__name__)}"
+    if not torch.compiler.is_compiling():
+        if torch._C._are_functorch_transforms_active():
+            return None, "a torch.func transform"
+        if _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(x).tangent is not None:
+            return None, "forward-mode AD"
+    base = layer.get_base_layer()
+    if _base_kind(base)[0] == "nf4":
+        if _nf4_compute_dtype(base, x) not in HALF_AND_SINGLE:
+            return None, f"an NF4 base computing in {_nf4_compute_dtype(base, x)}"
+    elif x.dtype != base.weight.dtype and not (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)):
+        # nn.Linear refuses this mix; PEFT's forward raises its own error
+        return None, f"x of dtype {x.dtype} on a {base.weight.dtype} base"
+    return adapter, None
+
+
+def _nf4_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype bitsandbytes' Linear4bit computes in: its ``compute_dtype``, else (it infers it) x's."""
+    return getattr(base, "compute_dtype", None) or x.dtype
+
+
+def _nf4_view(layer: nn.Module, base: nn.Module) -> NF4Weight:
+    """The bitsandbytes weight read as an :class:`NF4Weight` (views, no copy), cached on the layer until the
+    Params4bit, its storage or its quant state change (PEFT's merge writes a new one; ``.to()`` moves it;
+    bitsandbytes' CPU inference repacks it in place, and that layout is read as a copy: its training forward
+    after the repack loses the input gradient, which the fused path keeps)."""
+    weight = base.weight
+    qs = getattr(weight, "quant_state", None) or getattr(base, "quant_state", None)
+    key = (id(weight), weight.data_ptr(), weight.device, id(qs))
+    cached = layer.__dict__.get("_fused_lora_nf4")
+    if cached is None or cached[0] != key:
+        cached = (key, NF4Weight.from_bnb(base))
+        layer.__dict__["_fused_lora_nf4"] = cached
+    return cached[1]
+
+
+def _fused_forward(layer: nn.Module, adapter: str, x: torch.Tensor) -> torch.Tensor:
+    """``base(x) + scaling * B(A(dropout(x)))`` for one adapter, in one fused call on PEFT's own parameters."""
+    base = layer.get_base_layer()
+    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    dropout = layer.lora_dropout[adapter]
+    p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
+    scaling = float(layer.scaling[adapter])
+    kind = _base_kind(base)[0]
+    if kind == "nf4":  # as bitsandbytes: x and bias cast to the compute dtype, the output back to x's dtype
+        dtype = _nf4_compute_dtype(base, x)
+        bias = None if base.bias is None else base.bias.to(dtype)
+        y = fused_lora_linear(x.to(dtype), _nf4_view(layer, base), A, B, scaling, bias=bias, dropout_p=p,
+                              training=dropout.training)
+        return y.to(x.dtype)
+    weight = base.weight.t() if kind == "conv1d" else base.weight
+    return fused_lora_linear(x, weight, A, B, scaling, bias=base.bias, dropout_p=p, training=dropout.training)
+
+
+def _record_fallback(layer: nn.Module, reason: str) -> None:
+    counts = layer.__dict__.setdefault(_FALLBACKS_ATTR, {})
+    counts[reason] = counts.get(reason, 0) + 1
+    if reason not in _warned_reasons:
+        _warned_reasons.add(reason)
+        warnings.warn(
+            f"fused-lora: PEFT's own forward computes {layer.__dict__.get(_NAME_ATTR, 'a layer')} for this call "
+            f"({reason}); later calls for this reason are counted, not warned about: see "
+            "fused_lora.fusion_summary(model)",
+            stacklevel=3,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Summary
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FusionSummary:
+    """Which PEFT LoRA layers of a model fused-lora computes (:func:`fusion_summary`).
+
+    ``fused``: the layers whose active adapter the fused path computes as they are now. ``left_to_peft``: layer ->
+    why PEFT's own forward computes it. ``fallback_calls``: fused layer -> {reason: calls PEFT's forward computed
+    instead} (adapter_names batches, several active adapters, ...). Print it for a table."""
+
+    fused: List[str] = field(default_factory=list)
+    left_to_peft: Dict[str, str] = field(default_factory=dict)
+    fallback_calls: Dict[str, Dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def all_fused(self) -> bool:
+        """True when every LoRA layer is fused and no call fell back."""
+        return not self.left_to_peft and not self.fallback_calls
+
+    def __str__(self) -> str:
+        total = len(self.fused) + len(self.left_to_peft)
+        lines = [f"fused-lora: {len(self.fused)} of {total} PEFT LoRA layers fused"]
+        by_reason: Dict[str, List[str]] = {}
+        for name, reason in self.left_to_peft.items():
+            by_reason.setdefault(reason, []).append(name)
+        for reason, names in by_reason.items():
+            shown = ", ".join(names[:3]) + (f", ... ({len(names)} layers)" if len(names) > 3 else "")
+            lines.append(f"  left to PEFT: {reason}: {shown}")
+        calls: Dict[str, int] = {}
+        for counts in self.fallback_calls.values():
+            for reason, n in counts.items():
+                calls[reason] = calls.get(reason, 0) + n
+        for reason, n in calls.items():
+            lines.append(f"  calls PEFT computed: {reason}: {n}")
+        return "\n".join(lines)
+
+
+def _lora_layers(model: nn.Module):
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def _static_reason(layer: nn.Module) -> Optional[str]:
+    """Why PEFT's forward computes this layer as it is now (whatever the input), or None when it is fused."""
+    if not _is_fused(layer):
+        if _fused_name_for(layer) is not None:
+            return "not accelerated (added after from_peft, or restored): call fused_lora.from_peft(model) again"
+        return f"{type(layer).__module__}.{type(layer).__qualname__} layers are not fused (PEFT computes them)"
+    adapter, reason = _active_adapter(layer)
+    if adapter is None:
+        return reason  # None: base layer only (disabled, merged, no active adapter here)
+    return _layer_reason(layer, adapter)
+
+
+def fusion_summary(model: nn.Module) -> FusionSummary:
+    """A :class:`FusionSummary` of ``model`` as it is now: the fused layers, those left to PEFT and why, and the
+    calls PEFT's forward computed instead since ``from_peft``."""
+    summary = FusionSummary()
+    for name, layer in _lora_layers(model):
+        reason = _static_reason(layer)
+        if reason is None:
+            summary.fused.append(name)
+        else:
+            summary.left_to_peft[name] = reason
+        counts = layer.__dict__.get(_FALLBACKS_ATTR)
+        if counts:
+            summary.fallback_calls[name] = dict(counts)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def from_peft(model: nn.Module) -> nn.Module:
+    """Accelerate a PEFT LoRA model in place and return it (the same object: a ``PeftModel``, a ``LoraModel``, or
+    a model with adapters injected by ``peft.inject_adapter_in_model``).
+
+    Each PEFT ``lora.Linear`` (over ``nn.Linear`` or transformers' ``Conv1D``) and ``lora.bnb.Linear4bit`` (over an
+    NF4 ``Linear4bit``) computes its active adapter through :func:`fused_lora.fused_lora_linear`, reading PEFT's own
+    parameters; what that does not compute runs PEFT's forward (module docstring). Nothing else changes: module
+    tree, parameters and their names, adapters, dtypes, files. Calling it again accelerates layers added since
+    (``add_adapter`` with new target modules); :func:`restore_peft` undoes it. Warns when a layer is left to PEFT;
+    :func:`fusion_summary` tells which and why.
+    """
+    layers = _lora_layers(model)
+    for name, layer in layers:
+        fused_name = _fused_name_for(layer)
+        if fused_name is not None:
+            layer.__class__ = _fused_class(fused_name)
+        if _is_fused(layer):
+            layer.__dict__[_NAME_ATTR] = name
+            layer.__dict__.setdefault(_FALLBACKS_ATTR, {})
+    summary = fusion_summary(model)
+    if not layers:
+        warnings.warn(f"fused-lora: from_peft found no PEFT LoRA layer in {type(model).__name__}; nothing to "
+                      "accelerate", stacklevel=2)
+    elif summary.left_to_peft:
+        warnings.warn(f"{summary}\n(fused_lora.fusion_summary(model) gives this summary later)", stacklevel=2)
+    return model
+
+
+def restore_peft(model: nn.Module) -> nn.Module:
+    """Give every layer :func:`from_peft` accelerated PEFT's own forward back (their class is PEFT's again);
+    returns ``model``."""
+    for _, layer in _lora_layers(model):
+        if _is_fused(layer):
+            layer.__class__ = next(c for c in type(layer).__mro__[1:] if c is not _FusedForward
+                                   and not issubclass(c, _FusedForward))
+            for attr in (_FALLBACKS_ATTR, _NAME_ATTR, "_fused_lora_nf4"):
+                layer.__dict__.pop(attr, None)
+    return model

@@ -14,10 +14,17 @@ adapters on a half-precision base stay fp32, and their gradients land there). An
 goes to PEFT's own forward, for that layer or that call -- the same numbers, never an error -- and is counted:
 
 * per layer (the state of the layer): a LoRA variant (DoRA, ...), ``lora_bias``, a dropout module other than
-  ``nn.Dropout`` / ``nn.Identity``, a base other than ``nn.Linear`` / ``Conv1D`` / NF4 ``Linear4bit`` (FP4), hooks on the base or adapter modules (accelerate offloading,
-  DeepSpeed ZeRO-3: the parameters are only complete inside those hooks), adapters whose shapes do not match;
+  ``nn.Dropout`` / ``nn.Identity``, a base other than ``nn.Linear`` / ``Conv1D`` / NF4 ``Linear4bit`` (FP4), hooks
+  on the base, adapter or dropout modules (accelerate offloading, DeepSpeed ZeRO-3: the parameters are only
+  complete inside those hooks), adapters whose shapes do not match;
 * per call: several adapters active at once, ``adapter_names`` (mixed-adapter batches), extra forward arguments,
-  an input dtype the base layer itself would refuse, torch.func transforms and forward-mode AD.
+  an input dtype the base layer itself would refuse, ``disable_input_dtype_casting``, global module hooks,
+  torch.func transforms and forward-mode AD.
+
+Precision: PEFT's numbers within the rounding of the output's dtype. Half-precision x with fp32 adapters: A / B
+are rounded to x's dtype where they enter a product (PEFT copies x to fp32 instead). x is never narrowed to the
+adapters' dtype (PEFT casts x to it; narrower adapters are widened instead), and an NF4 layer computes in the wider
+of bitsandbytes' compute dtype and x's (see ``_nf4_math_dtype``).
 
 Disabled adapters, merged layers and layers without an active adapter run PEFT's forward too (it is only the base
 layer then): that is not a fallback. Layers of other PEFT classes (Embedding, Conv, 8-bit, MultiheadAttention, ...)
@@ -125,6 +132,15 @@ def _has_hooks(module: nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
+def _global_module_hooks() -> bool:
+    """Hooks registered for every module call (``nn.modules.module.register_module_forward_hook``, ...): the fused
+    path makes no submodule calls for them to see."""
+    from torch.nn.modules import module as nn_module
+
+    return bool(nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks
+                or nn_module._global_backward_pre_hooks or nn_module._global_backward_hooks)
+
+
 def _base_kind(base: nn.Module) -> Tuple[Optional[str], Optional[str]]:
     """``("dense" | "conv1d" | "nf4", None)`` for a base the fused path computes, else ``(None, reason)``."""
     if is_plain_linear(base):
@@ -163,8 +179,8 @@ def _layer_reason(layer: nn.Module, adapter: str) -> Optional[str]:
         return reason
     if kind != "nf4" and getattr(layer, "fan_in_fan_out", False) != (kind == "conv1d"):
         return f"fan_in_fan_out={layer.fan_in_fan_out} over a {type(base).__name__}"
-    if any(_has_hooks(m) for m in (base, lora_A, lora_B)):
-        return "forward hooks on the base or adapter modules (e.g. accelerate offloading, DeepSpeed ZeRO-3)"
+    if any(_has_hooks(m) for m in (base, lora_A, lora_B, dropout)):
+        return "hooks on the base, adapter or dropout modules (e.g. accelerate offloading, DeepSpeed ZeRO-3)"
     in_features, out_features = layer.in_features, layer.out_features
     A, B = lora_A.weight, lora_B.weight
     if A.dim() != 2 or B.dim() != 2 or A.shape[1] != in_features or B.shape[0] != out_features \
@@ -205,6 +221,11 @@ def _fused_call_plan(layer: nn.Module, x, args, kwargs) -> Tuple[Optional[str], 
         return None, reason
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return None, f"input of type {getattr(x, 'dtype', type(x).__name__)}"
+    if _global_module_hooks():
+        return None, "global module hooks (register_module_forward_hook, ...)"
+    if not getattr(layer, "cast_input_dtype_enabled", True) and layer.lora_A[adapter].weight.dtype != x.dtype:
+        # PEFT then multiplies x with adapters of another dtype as they are (and nn.Linear refuses)
+        return None, "input dtype casting disabled (peft.helpers.disable_input_dtype_casting)"
     if not torch.compiler.is_compiling():
         if torch._C._are_functorch_transforms_active():
             return None, "a torch.func transform"
@@ -212,8 +233,8 @@ def _fused_call_plan(layer: nn.Module, x, args, kwargs) -> Tuple[Optional[str], 
             return None, "forward-mode AD"
     base = layer.get_base_layer()
     if _base_kind(base)[0] == "nf4":
-        if _nf4_compute_dtype(base, x) not in HALF_AND_SINGLE:
-            return None, f"an NF4 base computing in {_nf4_compute_dtype(base, x)}"
+        if _nf4_math_dtype(base, x) not in HALF_AND_SINGLE:
+            return None, f"an NF4 base with x of dtype {x.dtype}"
     elif x.dtype != base.weight.dtype and not (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)):
         # nn.Linear refuses this mix; PEFT's forward raises its own error
         return None, f"x of dtype {x.dtype} on a {base.weight.dtype} base"
@@ -221,8 +242,33 @@ def _fused_call_plan(layer: nn.Module, x, args, kwargs) -> Tuple[Optional[str], 
 
 
 def _nf4_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
-    """The dtype bitsandbytes' Linear4bit computes in: its ``compute_dtype``, else (it infers it) x's."""
+    """The dtype bitsandbytes' Linear4bit computes its product in: its ``compute_dtype``, else (it infers it from
+    the first input) x's."""
     return getattr(base, "compute_dtype", None) or x.dtype
+
+
+def _nf4_math_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype the fused call computes an NF4 layer in: the wider of bitsandbytes' compute dtype and x's.
+
+    PEFT's QLoRA layer computes the base product in the compute dtype but the LoRA branch on x in the adapters'
+    dtype, and adds them in x's: with fp32 x on a bf16-compute base (prepare_model_for_kbit_training without
+    autocast) its adapter term is fp32-accurate, which one bf16 computation of the sum would round away (a young
+    adapter's term is far below one bf16 ulp of the output). Computing in x's dtype keeps it, and makes the base
+    product more accurate than bitsandbytes' rather than less. Under autocast everything is the autocast dtype,
+    as in PEFT."""
+    return torch.promote_types(_nf4_compute_dtype(base, x), x.dtype)
+
+
+def _sync_bitsandbytes_state(base: nn.Module, x: torch.Tensor) -> None:
+    """The state bitsandbytes' ``Linear4bit.forward`` sets on its calls, which the fused path makes instead: the
+    compute dtype taken from the first input when unset, and the bias Parameter's data cast to the compute dtype
+    (so that its dtype, its gradient's and the saved files' are PEFT's)."""
+    if not getattr(base, "compute_type_is_set", True):
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    dtype = getattr(base, "compute_dtype", None)
+    if base.bias is not None and dtype is not None and base.bias.dtype != dtype:
+        base.bias.data = base.bias.data.to(dtype)
 
 
 def _nf4_view(layer: nn.Module, base: nn.Module) -> NF4Weight:
@@ -248,8 +294,9 @@ def _fused_forward(layer: nn.Module, adapter: str, x: torch.Tensor) -> torch.Ten
     p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
     scaling = float(layer.scaling[adapter])
     kind = _base_kind(base)[0]
-    if kind == "nf4":  # as bitsandbytes: x and bias cast to the compute dtype, the output back to x's dtype
-        dtype = _nf4_compute_dtype(base, x)
+    if kind == "nf4":  # as bitsandbytes: x and bias cast to the math dtype, the output back to x's dtype
+        _sync_bitsandbytes_state(base, x)
+        dtype = _nf4_math_dtype(base, x)
         bias = None if base.bias is None else base.bias.to(dtype)
         y = fused_lora_linear(x.to(dtype), _nf4_view(layer, base), A, B, scaling, bias=bias, dropout_p=p,
                               training=dropout.training)
@@ -312,9 +359,16 @@ class FusionSummary:
 
 
 def _lora_layers(model: nn.Module):
+    """PEFT's LoRA layers that their parent calls: those nested inside another LoRA layer (the ``out_proj`` PEFT
+    wraps inside its ``lora.MultiheadAttention``, which merges it instead of calling it) are the outer layer's
+    business."""
     from peft.tuners.lora import LoraLayer
 
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+    layers = []
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLayer) and not any(name.startswith(outer + ".") or not outer for outer, _ in layers):
+            layers.append((name, m))
+    return layers
 
 
 def _static_reason(layer: nn.Module) -> Optional[str]:

@@ -68,12 +68,12 @@ class _FusedForward:
     """The ``forward`` of a fused PEFT layer; mixed in ahead of PEFT's class, whose forward is the fallback."""
 
     def forward(self, x, *args, **kwargs):
-        adapter, reason = _fused_call_plan(self, x, args, kwargs)
+        adapter, kind, reason = _fused_call_plan(self, x, args, kwargs)
         if adapter is None:
             if reason is not None:
                 _record_fallback(self, reason)
             return super().forward(x, *args, **kwargs)
-        return _fused_forward(self, adapter, x)
+        return _fused_forward(self, adapter, kind, x)
 
 
 def _peft_class(fused_name: str) -> Optional[type]:
@@ -161,35 +161,36 @@ def _base_kind(base: nn.Module) -> Tuple[Optional[str], Optional[str]]:
     return None, f"{cls.__module__}.{cls.__qualname__} base (fused-lora computes nn.Linear, Conv1D and NF4 bases)"
 
 
-def _layer_reason(layer: nn.Module, adapter: str) -> Optional[str]:
-    """Why the fused path cannot compute ``adapter`` on this layer as it is now, or None."""
+def _layer_kind(layer: nn.Module, adapter: str) -> Tuple[Optional[str], Optional[str]]:
+    """``(base kind, None)`` when the fused path can compute ``adapter`` on this layer as it is now (the kind of
+    :func:`_base_kind`), else ``(None, why not)``."""
     variant = getattr(layer, "lora_variant", {}).get(adapter)
     if variant is not None or getattr(layer, "use_dora", {}).get(adapter, False):
         name = type(variant).__name__ if variant is not None else "DoRA"
-        return f"LoRA variant {name.replace('LinearVariant', '') or name} (PEFT computes variants)"
+        return None, f"LoRA variant {name.replace('LinearVariant', '') or name} (PEFT computes variants)"
     lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
     if getattr(layer, "lora_bias", {}).get(adapter, False) or lora_B.bias is not None or lora_A.bias is not None:
-        return "lora_bias=True"
+        return None, "lora_bias=True"
     dropout = layer.lora_dropout[adapter]
     if type(dropout) not in (nn.Dropout, nn.Identity):
-        return f"dropout module {type(dropout).__name__}"
+        return None, f"dropout module {type(dropout).__name__}"
     base = layer.get_base_layer()
     kind, reason = _base_kind(base)
     if reason is not None:
-        return reason
+        return None, reason
     if kind != "nf4" and getattr(layer, "fan_in_fan_out", False) != (kind == "conv1d"):
-        return f"fan_in_fan_out={layer.fan_in_fan_out} over a {type(base).__name__}"
+        return None, f"fan_in_fan_out={layer.fan_in_fan_out} over a {type(base).__name__}"
     if any(_has_hooks(m) for m in (base, lora_A, lora_B, dropout)):
-        return "hooks on the base, adapter or dropout modules (e.g. accelerate offloading, DeepSpeed ZeRO-3)"
+        return None, "hooks on the base, adapter or dropout modules (e.g. accelerate offloading, DeepSpeed ZeRO-3)"
     in_features, out_features = layer.in_features, layer.out_features
     A, B = lora_A.weight, lora_B.weight
     if A.dim() != 2 or B.dim() != 2 or A.shape[1] != in_features or B.shape[0] != out_features \
             or A.shape[0] != B.shape[1]:
-        return (f"adapter shapes lora_A {list(A.shape)} / lora_B {list(B.shape)} do not fit the "
+        return None, (f"adapter shapes lora_A {list(A.shape)} / lora_B {list(B.shape)} do not fit the "
                 f"[{out_features}, {in_features}] base (sharded or replaced parameters)")
     if not A.is_floating_point() or A.dtype != B.dtype:
-        return f"adapter dtypes lora_A {A.dtype} / lora_B {B.dtype}"
-    return None
+        return None, f"adapter dtypes lora_A {A.dtype} / lora_B {B.dtype}"
+    return kind, None
 
 
 def _active_adapter(layer: nn.Module) -> Tuple[Optional[str], Optional[str]]:
@@ -205,40 +206,40 @@ def _active_adapter(layer: nn.Module) -> Tuple[Optional[str], Optional[str]]:
     return active[0], None
 
 
-def _fused_call_plan(layer: nn.Module, x, args, kwargs) -> Tuple[Optional[str], Optional[str]]:
-    """``(adapter, None)``: compute this call fused; ``(None, reason)``: PEFT's forward computes it, a fallback;
-    ``(None, None)``: PEFT's forward computes it and it is only the base layer."""
+def _fused_call_plan(layer: nn.Module, x, args, kwargs) -> Tuple[Optional[str], Optional[str], Optional[str]]:
+    """``(adapter, base kind, None)``: compute this call fused; ``(None, None, reason)``: PEFT's forward computes
+    it, a fallback; ``(None, None, None)``: PEFT's forward computes it and it is only the base layer."""
     if kwargs.get("adapter_names") is not None:
-        return None, "adapter_names (mixed-adapter batch)"
+        return None, None, "adapter_names (mixed-adapter batch)"
     extra = [k for k, v in kwargs.items() if v is not None and k != "adapter_names"]
     if args or extra:
-        return None, f"extra forward arguments ({', '.join(extra) or f'{len(args)} positional'})"
+        return None, None, f"extra forward arguments ({', '.join(extra) or f'{len(args)} positional'})"
     adapter, reason = _active_adapter(layer)
     if adapter is None:
-        return None, reason
-    reason = _layer_reason(layer, adapter)
+        return None, None, reason
+    kind, reason = _layer_kind(layer, adapter)
     if reason is not None:
-        return None, reason
+        return None, None, reason
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        return None, f"input of type {getattr(x, 'dtype', type(x).__name__)}"
+        return None, None, f"input of type {getattr(x, 'dtype', type(x).__name__)}"
     if _global_module_hooks():
-        return None, "global module hooks (register_module_forward_hook, ...)"
+        return None, None, "global module hooks (register_module_forward_hook, ...)"
     if not getattr(layer, "cast_input_dtype_enabled", True) and layer.lora_A[adapter].weight.dtype != x.dtype:
         # PEFT then multiplies x with adapters of another dtype as they are (and nn.Linear refuses)
-        return None, "input dtype casting disabled (peft.helpers.disable_input_dtype_casting)"
+        return None, None, "input dtype casting disabled (peft.helpers.disable_input_dtype_casting)"
     if not torch.compiler.is_compiling():
         if torch._C._are_functorch_transforms_active():
-            return None, "a torch.func transform"
+            return None, None, "a torch.func transform"
         if _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(x).tangent is not None:
-            return None, "forward-mode AD"
+            return None, None, "forward-mode AD"
     base = layer.get_base_layer()
-    if _base_kind(base)[0] == "nf4":
+    if kind == "nf4":
         if _nf4_math_dtype(base, x) not in HALF_AND_SINGLE:
-            return None, f"an NF4 base with x of dtype {x.dtype}"
+            return None, None, f"an NF4 base with x of dtype {x.dtype}"
     elif x.dtype != base.weight.dtype and not (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)):
         # nn.Linear refuses this mix; PEFT's forward raises its own error
-        return None, f"x of dtype {x.dtype} on a {base.weight.dtype} base"
-    return adapter, None
+        return None, None, f"x of dtype {x.dtype} on a {base.weight.dtype} base"
+    return adapter, kind, None
 
 
 def _nf4_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
@@ -286,14 +287,14 @@ def _nf4_view(layer: nn.Module, base: nn.Module) -> NF4Weight:
     return cached[1]
 
 
-def _fused_forward(layer: nn.Module, adapter: str, x: torch.Tensor) -> torch.Tensor:
-    """``base(x) + scaling * B(A(dropout(x)))`` for one adapter, in one fused call on PEFT's own parameters."""
+def _fused_forward(layer: nn.Module, adapter: str, kind: str, x: torch.Tensor) -> torch.Tensor:
+    """``base(x) + scaling * B(A(dropout(x)))`` for one adapter, in one fused call on PEFT's own parameters;
+    ``kind``: the base's (:func:`_base_kind`)."""
     base = layer.get_base_layer()
     A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     dropout = layer.lora_dropout[adapter]
     p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
     scaling = float(layer.scaling[adapter])
-    kind = _base_kind(base)[0]
     if kind == "nf4":  # as bitsandbytes: x and bias cast to the math dtype, the output back to x's dtype
         _sync_bitsandbytes_state(base, x)
         dtype = _nf4_math_dtype(base, x)
@@ -380,7 +381,7 @@ def _static_reason(layer: nn.Module) -> Optional[str]:
     adapter, reason = _active_adapter(layer)
     if adapter is None:
         return reason  # None: base layer only (disabled, merged, no active adapter here)
-    return _layer_reason(layer, adapter)
+    return _layer_kind(layer, adapter)[1]
 
 
 def fusion_summary(model: nn.Module) -> FusionSummary:

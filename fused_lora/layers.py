@@ -13,7 +13,8 @@ from torch import nn
 from .base import BaseWeight, DenseBase, NF4Base
 from .functional import fused_lora_linear
 from .nf4 import NF4Weight, bitsandbytes_classes, quantize_nf4
-from .validation import adapter_dtype_for, check_alpha, check_compute_dtype, check_dropout, check_rank
+from .validation import (adapter_dtype_for, check_alpha, check_compute_dtype, check_dropout, check_rank,
+                         quantized_math_dtype)
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -43,8 +44,10 @@ class FusedLoraLinear(nn.Module):
     base-weight contract) load too.
 
     A dense base computes in the input's dtype, like ``nn.Linear``. A quantized base computes in its
-    ``compute_dtype`` (``module.to(dtype)`` changes it and leaves the NF4 buffers exact): inputs are cast to it and
-    outputs back to the input dtype, as bitsandbytes' ``Linear4bit`` does. An NF4 W is dequantized on the fly in
+    ``compute_dtype`` (``module.to(dtype)`` changes it and leaves the NF4 buffers exact), or in the input's dtype
+    where that is wider (fp32 activations over bf16 compute: :func:`~fused_lora.validation.quantized_math_dtype`,
+    which keeps a young fp32 adapter's term from being rounded away): inputs are cast to it and outputs back to the
+    input dtype, as bitsandbytes' ``Linear4bit`` does. An NF4 W is dequantized on the fly in
     forward and again in backward: inside the GEMM main loop for short inputs, through a transient buffer for long
     ones (``fused_lora.kernels.lora.NF4_FUSED_MAX_TOKENS``); the torch path dequantizes into a transient tensor.
 
@@ -282,7 +285,7 @@ class FusedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cast = self.base.casts_input
         if cast:
-            dtype = self.compute_dtype
+            dtype = quantized_math_dtype(self.compute_dtype, x.dtype)
             xc, bias = x.to(dtype), None if self.bias is None else self.bias.to(dtype)
         else:
             dtype, xc, bias = None, x, self.bias

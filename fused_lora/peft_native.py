@@ -45,7 +45,7 @@ from torch import nn
 from .functional import fused_lora_linear
 from .layers import is_plain_linear
 from .nf4 import NF4Weight, bitsandbytes_classes
-from .validation import HALF_AND_SINGLE
+from .validation import HALF_AND_SINGLE, quantized_math_dtype
 
 __all__ = ["FusionSummary", "from_peft", "fusion_summary", "restore_peft"]
 
@@ -249,15 +249,8 @@ def _nf4_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
 
 
 def _nf4_math_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
-    """The dtype the fused call computes an NF4 layer in: the wider of bitsandbytes' compute dtype and x's.
-
-    PEFT's QLoRA layer computes the base product in the compute dtype but the LoRA branch on x in the adapters'
-    dtype, and adds them in x's: with fp32 x on a bf16-compute base (prepare_model_for_kbit_training without
-    autocast) its adapter term is fp32-accurate, which one bf16 computation of the sum would round away (a young
-    adapter's term is far below one bf16 ulp of the output). Computing in x's dtype keeps it, and makes the base
-    product more accurate than bitsandbytes' rather than less. Under autocast everything is the autocast dtype,
-    as in PEFT."""
-    return torch.promote_types(_nf4_compute_dtype(base, x), x.dtype)
+    """The dtype the fused call computes an NF4 layer in (:func:`fused_lora.validation.quantized_math_dtype`)."""
+    return quantized_math_dtype(_nf4_compute_dtype(base, x), x.dtype)
 
 
 def _sync_bitsandbytes_state(base: nn.Module, x: torch.Tensor) -> None:

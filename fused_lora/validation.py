@@ -69,6 +69,21 @@ def adapter_dtype_for(compute_dtype: torch.dtype, adapter_dtype: Optional[torch.
     return check_adapter_dtype(adapter_dtype)
 
 
+def quantized_math_dtype(compute_dtype: torch.dtype, x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a layer over a quantized (NF4) base computes in: the wider of its ``compute_dtype`` and the input's
+    (float64 inputs: the compute dtype, as bitsandbytes casts them).
+
+    bitsandbytes' ``Linear4bit`` computes in ``compute_dtype`` whatever x's dtype, and PEFT adds the LoRA branch
+    computed in the adapters' dtype from x itself: with fp32 activations on a bf16-compute base
+    (``prepare_model_for_kbit_training`` without autocast) and fp32 adapters, the adapter's term is fp32-accurate
+    there. One bf16 computation of the sum would round a young adapter's term away (it is far below one bf16 ulp of
+    the output); computing in x's dtype keeps it, and the base product is then more accurate, not less. Under
+    autocast x arrives in the autocast dtype and nothing widens."""
+    if x_dtype not in HALF_AND_SINGLE:
+        return compute_dtype
+    return torch.promote_types(compute_dtype, x_dtype)
+
+
 def check_dropout(value, name: str = "lora_dropout", where: str = "") -> float:
     """A dropout probability: a real number in [0, 1) (p = 1 would drop everything and divide by zero). Returns it
     as a ``float``."""

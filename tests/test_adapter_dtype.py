@@ -350,22 +350,25 @@ def test_load_adapter_creates_layers_in_the_adapter_dtype(tmp_path):
 
 
 def test_nf4_compute_dtype_is_independent_of_the_adapters():
-    """An NF4 layer computing in bf16 with fp32 adapters (the default over bf16): x is cast to bf16 and the output
-    back to x's dtype, as bitsandbytes does; ``module.to(dtype)`` sets the compute dtype (and casts the adapters,
-    as any nn.Module); the NF4 fields stay exact; the merged weight rounds once into the compute dtype."""
+    """An NF4 layer computing in bf16 with fp32 adapters (the default over bf16): fp16 x is cast to the math dtype
+    (the wider of the compute dtype and x's: fp32 here, validation.quantized_math_dtype) and the output back to x's
+    dtype; ``module.to(dtype)`` sets the compute dtype (and casts the adapters, as any nn.Module); the NF4 fields
+    stay exact; the merged weight rounds once into the compute dtype."""
     linear = nn.Linear(64, 24)
     layer = FusedLoraLinear.from_linear(linear, r=4, quantize="nf4", compute_dtype=torch.bfloat16)
     assert (layer.compute_dtype, layer.adapter_dtype) == (torch.bfloat16, torch.float32)
     assert "compute_dtype=bfloat16" in repr(layer.base)
     nn.init.normal_(layer.lora_B)
-    x = torch.randn(5, 64)
-    with use_backend("torch"):
-        y = layer(x)
-    y.sum().backward()
-    assert y.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
-    expect = fused_lora_linear(x.to(torch.bfloat16), layer.nf4_weight, layer.lora_A, layer.lora_B, layer.scaling,
-                               bias=layer.bias.to(torch.bfloat16)).float()
-    assert torch.equal(y, expect)
+    for x_dtype, math_dtype in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                (torch.float32, torch.float32)):
+        x = torch.randn(5, 64).to(x_dtype)
+        with use_backend("torch"):
+            y = layer(x)
+            expect = fused_lora_linear(x.to(math_dtype), layer.nf4_weight, layer.lora_A, layer.lora_B, layer.scaling,
+                                       bias=layer.bias.to(math_dtype)).to(x_dtype)
+        y.sum().backward()
+        assert y.dtype == x_dtype and layer.lora_A.grad.dtype == torch.float32
+        assert torch.equal(y.detach(), expect.detach()), x_dtype
 
     codes = {n: t.clone() for n, t in layer.base.named_buffers() if n.startswith("nf4_")}
     layer.to(torch.float16)

@@ -442,3 +442,28 @@ def test_tiny_llama_on_a_4bit_base_trains_like_peft():
                 assert abs(a - b) <= FP32_RTOL * abs(b), (step, a, b)
         for losses in (our_losses, peft_losses):
             assert losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.parametrize("backend", [b for d, b in DEVICE_BACKENDS if d == "cpu"])
+def test_fp32_activations_over_bf16_compute_keep_a_young_adapters_term(backend):
+    """fp32 x over a bf16-compute NF4 base with (default) fp32 adapters computes in fp32
+    (validation.quantized_math_dtype): a young adapter's term (B ~ 1e-3, far below one bf16 ulp of the output) is
+    kept, and outputs and every gradient are fp32-accurate against float64 of the same values. In bf16 the output's
+    rounding alone would be ~100x FP32_RTOL."""
+    torch.manual_seed(0)
+    layer = FusedLoraLinear.from_linear(nn.Linear(128, 64), r=8, lora_alpha=16, quantize="nf4",
+                                        compute_dtype=torch.bfloat16)
+    assert layer.compute_dtype == torch.bfloat16 and layer.adapter_dtype == torch.float32
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 1e-3)
+    x, g = torch.randn(5, 128), torch.randn(5, 64)
+    mine = _run_layer(layer, x, g, backend)
+    assert mine["y"].dtype == torch.float32
+    w = layer.base_weight(torch.float32)  # the dequantized values, exact in fp32
+    leaves = {n: t.detach().double().requires_grad_(True) for n, t in
+              (("x", x), ("lora_A", layer.lora_A), ("lora_B", layer.lora_B))}
+    y = lora_reference(leaves["x"], w, leaves["lora_A"], leaves["lora_B"], layer.bias, layer.scaling, None, 0.0)
+    y.backward(g.double())
+    assert_close_fp32(mine["y"], y.detach(), "y")
+    for name, leaf in leaves.items():
+        assert_close_fp32(mine[name], leaf.grad, name)

@@ -1,0 +1,213 @@
+"""DoRA on the torch path (fused_lora.dora): the row-norm identity and its fallback, and DoraFunction against PEFT's
+DoRA layer (p = 0), an independent float64 reference of PEFT's definition (p > 0), gradcheck and saved tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fused_lora.dora import DoraFunction, dora_row_norm_sq, weight_row_norm_sq
+from fused_lora.dropout import Dropout, seed_tensor
+
+from helpers import assert_close_fp32, assert_three_way
+
+M, K, N, R = 24, 40, 32, 4
+SCALING = 1.5
+NAMES = ("x", "lora_A", "lora_B", "magnitude", "bias")
+
+
+def _inputs(dtype, seed=0, m=M, k=K, n=N, r=R):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    weight = rnd(n, k, scale=k ** -0.5)
+    inp = dict(x=rnd(m, k), weight=weight, lora_A=rnd(r, k, scale=k ** -0.5), lora_B=rnd(n, r, scale=r ** -0.5),
+               bias=rnd(n))
+    # magnitude perturbed away from its init ||W_i||, so that c != 1 even where B A is small
+    inp["magnitude"] = (weight.double().norm(dim=1) * (1 + 0.3 * torch.rand(n, generator=gen, dtype=torch.float64))
+                        ).to(dtype)
+    return inp, rnd(m, n)
+
+
+def _reference(x, weight, lora_A, lora_B, magnitude, bias, scaling, keep=None, p=0.0):
+    """PEFT's DoRA definition in float64, written independently of fused_lora (only the mask comes from outside)."""
+    x, weight, lora_A, lora_B, magnitude = (t.double() for t in (x, weight, lora_A, lora_B, magnitude))
+    with torch.no_grad():  # n detached
+        n = torch.linalg.norm(weight + scaling * lora_B.detach() @ lora_A.detach(), dim=1)
+    c = magnitude / n
+    xd = x if keep is None else x * keep.double() / (1 - p)
+    y = x @ weight.t() + (c - 1) * (xd @ weight.t()) + c * scaling * (xd @ lora_A.t() @ lora_B.t())
+    return y if bias is None else y + bias.double()
+
+
+def _run(fn, inp, grad):
+    leaves = {k: v.detach().clone().requires_grad_(k in NAMES) for k, v in inp.items()}
+    y = fn(**leaves)
+    y.backward(grad.to(y.dtype))
+    return {"y": y.detach(), **{k: leaves[k].grad for k in NAMES}}
+
+
+def _fused(p=0.0, seed=None):
+    def fn(x, weight, lora_A, lora_B, magnitude, bias):
+        return DoraFunction.apply(x, weight, lora_A, lora_B, magnitude, bias, SCALING, p,
+                                  None if p == 0 else seed_tensor(seed), None)
+    return fn
+
+
+def _peft_layer(inp):
+    import peft
+    from peft.tuners.lora import Linear
+
+    dtype = inp["x"].dtype
+    base = torch.nn.Linear(K, N, dtype=dtype)
+    with torch.no_grad():
+        base.weight.copy_(inp["weight"])
+        base.bias.copy_(inp["bias"])
+    cfg = peft.LoraConfig(r=R, lora_alpha=SCALING * R, use_dora=True, lora_dropout=0.0)
+    layer = Linear(base, "default", cfg, r=R, lora_alpha=SCALING * R, use_dora=True, lora_dropout=0.0)
+    assert layer.scaling["default"] == SCALING
+    return layer
+
+
+def _peft_outputs(inp, grad):
+    layer = _peft_layer(inp)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(inp["lora_A"])
+        layer.lora_B["default"].weight.copy_(inp["lora_B"])
+        layer.lora_magnitude_vector["default"].weight.copy_(inp["magnitude"])
+    x = inp["x"].clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(grad.to(y.dtype))
+    return {"y": y.detach(), "x": x.grad, "lora_A": layer.lora_A["default"].weight.grad,
+            "lora_B": layer.lora_B["default"].weight.grad,
+            "magnitude": layer.lora_magnitude_vector["default"].weight.grad, "bias": layer.base_layer.bias.grad}
+
+
+def test_peft_parity_fp32():
+    inp, grad = _inputs(torch.float32)
+    ours = _run(_fused(), inp, grad)
+    theirs = _peft_outputs(inp, grad)
+    ref = _run(_reference_fn(), {k: v.double() for k, v in inp.items()}, grad.double())
+    for name in ("y",) + NAMES:
+        assert_close_fp32(ours[name], theirs[name], name)
+        assert_close_fp32(ours[name], ref[name], name)  # and PEFT is itself this close to the definition
+
+
+def test_peft_parity_bf16_three_way():
+    inp, grad = _inputs(torch.bfloat16)
+    ours = _run(_fused(), inp, grad)
+    theirs = _peft_outputs(inp, grad)
+    ref = _run(_reference_fn(), {k: v.double() for k, v in inp.items()}, grad.double())
+    for name in ("y",) + NAMES:
+        assert ours[name].dtype == torch.bfloat16, name
+        assert_three_way(ours[name], theirs[name], ref[name], name)
+
+
+def _reference_fn(keep=None, p=0.0):
+    def fn(x, weight, lora_A, lora_B, magnitude, bias):
+        return _reference(x, weight, lora_A, lora_B, magnitude, bias, SCALING, keep, p)
+    return fn
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_against_float64_reference(p):
+    seed = 1234
+    inp, grad = _inputs(torch.float32, seed=1)
+    keep = Dropout(p, seed).keep_mask(M, K, "cpu")
+    assert 0 < int(keep.sum()) < keep.numel()
+    ours = _run(_fused(p, seed), inp, grad)
+    ref = _run(_reference_fn(keep, p), {k: v.double() for k, v in inp.items()}, grad.double())
+    for name in ("y",) + NAMES:
+        assert_close_fp32(ours[name], ref[name], name)
+    # the dropout changes the result (the mask is really applied, to both D(x) products)
+    plain = _run(_fused(), inp, grad)
+    assert (plain["y"] - ours["y"]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_gradcheck_float64(p, monkeypatch):
+    """Finite differences in float64 for x, A, B, m and bias. n is detached by definition, so its value is frozen
+    at the base point for the finite differences too (they would otherwise see n move with A and B)."""
+    import fused_lora.dora as dora
+
+    inp, _ = _inputs(torch.float64, seed=2, m=5, k=7, n=6, r=3)
+    leaves = [inp[k].clone().requires_grad_(True) for k in NAMES]
+    weight = inp["weight"]
+    seed = None if p == 0 else seed_tensor(99)
+    frozen = dora.dora_row_norm_sq(weight_row_norm_sq(weight), weight, inp["lora_A"], inp["lora_B"], SCALING)
+    monkeypatch.setattr(dora, "dora_row_norm_sq", lambda *args, **kwargs: frozen.clone())
+
+    def fn(x, a, b, mag, bias):
+        return DoraFunction.apply(x, weight, a, b, mag, bias, SCALING, p, seed, None)
+
+    assert torch.autograd.gradcheck(fn, tuple(leaves))
+
+
+def test_norm_identity_random():
+    for seed, dtype in [(0, torch.float32), (1, torch.float32), (2, torch.float64), (3, torch.bfloat16)]:
+        inp, _ = _inputs(dtype, seed=seed, k=300, n=50, r=8)
+        w, a, b = inp["weight"], inp["lora_A"], inp["lora_B"]
+        exact = torch.linalg.norm(w.double() + SCALING * b.double() @ a.double(), dim=1) ** 2
+        n_sq, rows = dora_row_norm_sq(weight_row_norm_sq(w), w, a, b, SCALING, return_fallback_rows=True)
+        assert n_sq.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert not rows.any()  # no cancellation here: the identity alone
+        rtol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert ((n_sq.double() - exact).abs() / exact).max() < rtol
+        # the callable form (a weight dequantized on demand) gives the same values
+        assert torch.equal(dora_row_norm_sq(weight_row_norm_sq(w), lambda: w, a, b, SCALING), n_sq)
+
+
+def test_norm_near_cancellation_falls_back():
+    k, n, r, s = 512, 16, 8, 2.0
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(r, k, generator=gen, dtype=torch.float64) / k ** 0.5
+    b = torch.randn(n, r, generator=gen, dtype=torch.float64) / r ** 0.5
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64) / k ** 0.5
+    tiny = [1, 4, 9]  # W_i ~ -s B_i A: n_i about 1e-4 of ||W_i||
+    w[tiny] = -s * b[tiny] @ a + 1e-4 * torch.randn(len(tiny), k, generator=gen, dtype=torch.float64) / k ** 0.5
+    w32, a32, b32 = w.float(), a.float(), b.float()
+    exact = torch.linalg.norm(w32.double() + s * b32.double() @ a32.double(), dim=1) ** 2  # of the fp32 data
+    assert (exact[tiny] / (w32.double()[tiny].norm(dim=1) ** 2)).max() < 1e-6
+
+    wsq = weight_row_norm_sq(w32)
+    n_sq, rows = dora_row_norm_sq(wsq, w32, a32, b32, s, return_fallback_rows=True)
+    assert rows.nonzero().squeeze(1).tolist() == tiny
+    rel = (n_sq.double() - exact).abs() / exact
+    assert rel.max() < 1e-5, rel
+    alone = dora_row_norm_sq(wsq, w32, a32, b32, s, fallback=False)
+    rel_alone = (alone.double() - exact).abs() / exact
+    assert rel_alone[tiny].min() > 1e-1, rel_alone[tiny]  # the identity alone has no correct digit there
+    other = [i for i in range(n) if i not in tiny]
+    assert torch.equal(alone[other], n_sq[other])
+
+
+def test_saved_tensors_with_dropout():
+    inp, grad = _inputs(torch.float32, seed=3)
+    x = inp["x"].requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    leaves = {k: inp[k].clone().requires_grad_(True) for k in ("lora_A", "lora_B", "magnitude", "bias")}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = DoraFunction.apply(x, inp["weight"], leaves["lora_A"], leaves["lora_B"], leaves["magnitude"],
+                               leaves["bias"], SCALING, 0.3, seed_tensor(7), None)
+    assert K > N  # so that z [M, N] is told apart from an M x K tensor by its size
+    # of x's size or more: only x itself and the frozen W (N x K, larger than x here)
+    big = sorted((tuple(t.shape), t.data_ptr()) for t in saved if t.numel() >= x.numel())
+    assert big == sorted([((M, K), x.data_ptr()), ((N, K), inp["weight"].data_ptr())]), big
+    shapes = sorted(tuple(t.shape) for t in saved)
+    assert shapes == sorted([(M, K), (N, K), (R, K), (N, R), (M, R), (M, N), (N,), (N,), ()])
+    y.backward(grad)
+    assert all(v.grad is not None for v in leaves.values()) and x.grad is not None
+
+
+def test_frozen_weight_required():
+    inp, _ = _inputs(torch.float32)
+    with pytest.raises(ValueError, match="frozen"):
+        DoraFunction.apply(inp["x"], inp["weight"].requires_grad_(True), inp["lora_A"], inp["lora_B"],
+                           inp["magnitude"], None, SCALING, 0.0, None, None)

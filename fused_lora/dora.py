@@ -148,17 +148,13 @@ def dora_row_norm_sq(
     if fallback and bool(bad.any()):
         rows = bad.nonzero().squeeze(1)
         a64 = lora_A.to(torch.float64)
-        for i0 in range(0, rows.numel(), max(1, _BLOCK_BYTES // (8 * max(k, 1)))):
-            idx = rows[i0: i0 + max(1, _BLOCK_BYTES // (8 * max(k, 1)))]
+        for i0, i1 in _row_blocks(rows.numel(), k):
+            idx = rows[i0:i1]
             direct = w[idx].to(torch.float64).addmm_(lora_B[idx].to(torch.float64), a64, alpha=s)
             n_sq[idx] = torch.linalg.vecdot(direct, direct, dim=1).to(ndt)
     if return_fallback_rows:
         return n_sq, bad
     return n_sq
-
-
-def _keep(dropout: Dropout, m: int, k: int, dtype: torch.dtype, device) -> torch.Tensor:
-    return dropout.keep_mask(m, k, device, dtype=dtype)
 
 
 class DoraFunction(torch.autograd.Function):
@@ -225,7 +221,7 @@ class DoraFunction(torch.autograd.Function):
         base = F.linear(xc, wc)
         if dropout_p > 0:
             dropout = Dropout(float(dropout_p), int(seed.item()))
-            xm = _keep(dropout, m_rows, k, cdt, x.device).mul_(xc)  # k * x (transient, not saved)
+            xm = dropout.keep_mask(m_rows, k, x.device, dtype=cdt).mul_(xc)  # k * x (transient, not saved)
             bd = torch.mm(xm, wc.t()).mul_(dropout.scale)
             xa = torch.mm(xm, ac.t()).mul_(dropout.scale).to(dtype)
             del xm
@@ -271,7 +267,7 @@ class DoraFunction(torch.autograd.Function):
         xc = x.to(cdt)
         if p > 0:
             dropout = Dropout(p, int(seed.item()))
-            keep = _keep(dropout, *x.shape, cdt, x.device)
+            keep = dropout.keep_mask(*x.shape, x.device, dtype=cdt)
             if need_x:
                 inner = torch.mm((ge * (ce - 1)).to(dtype).to(cdt), wc).addmm_(gb, ac, alpha=s)
                 dx = torch.mm(grad_out.to(cdt), wc).addcmul_(inner, keep, value=dropout.scale).to(dtype)

@@ -41,6 +41,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import nn
+from torch.nn.modules import module as nn_module
 
 from .functional import fused_lora_linear
 from .layers import is_plain_linear
@@ -135,8 +136,6 @@ def _has_hooks(module: nn.Module) -> bool:
 def _global_module_hooks() -> bool:
     """Hooks registered for every module call (``nn.modules.module.register_module_forward_hook``, ...): the fused
     path makes no submodule calls for them to see."""
-    from torch.nn.modules import module as nn_module
-
     return bool(nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks
                 or nn_module._global_backward_pre_hooks or nn_module._global_backward_hooks)
 

@@ -122,12 +122,16 @@ class ProblemKey(NamedTuple):
 
 
 def problem_key(name: str, args: tuple) -> ProblemKey:
-    """The key of a ``lora_forward`` / ``lora_backward`` call (``name``) with the launch wrappers' arguments."""
-    if name == "lora_forward":
-        x, weight, lora_A, lora_B, bias, _scaling, dropout = args
+    """The key of a ``lora_forward`` / ``lora_backward`` / ``dora_forward`` / ``dora_backward`` call (``name``) with
+    the launch wrappers' arguments."""
+    if name in ("lora_forward", "dora_forward"):
+        x, weight, lora_A, lora_B, bias, _scaling, dropout = args[:7]
         variant = (bias is not None,)
-    else:
+    elif name == "lora_backward":
         _g, x, weight, lora_A, lora_B, _xa, _scaling, dropout, needs = args
+        variant = tuple(needs)
+    else:
+        _g, x, weight, lora_A, lora_B, _xa, _z, _scale, _norm, _scaling, dropout, needs = args
         variant = tuple(needs)
     tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     return ProblemKey(name, str(x.device), _pow2(x.shape[0]), x.shape[1], weight.shape[0], lora_A.shape[0],

@@ -1,9 +1,7 @@
-r"""DoRA (weight-decomposed LoRA) on the pure-PyTorch path: the row norm of ``W + s B A`` without ``[out, in]``
-temporaries, and the autograd Function of PEFT's DoRA linear.
-
-Internal for now (issue 14, first piece): not wired into ``fused_lora_linear``, the modules, ``from_peft`` or the
-adapter files, and without Triton kernels. The base weight is a dense tensor (or, for the norm, a callable
-returning the dense weight -- the hook where a quantized weight will be dequantized; NF4 comes later).
+r"""DoRA (weight-decomposed LoRA): the row norm of ``W + s B A`` without ``[out, in]`` temporaries, its per-weight
+cache, and DoRA's column scale. The autograd Function is :class:`fused_lora.functional.FusedDoraFunction`
+(``fused_lora_linear(..., magnitude=m)``); its implementations are ``fused_lora.torch_ops.dora_forward`` /
+``dora_backward`` and the Triton kernels' of the same names.
 
 Definition (PEFT 0.21, ``tuners/lora/dora.py`` and ``variants.py``), per output feature ``i``::
 
@@ -19,14 +17,11 @@ with ``c`` scaling the columns of ``[M, N]`` and ``D(x) = keep * x / (1 - p)`` t
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, Optional, Union
 
 import torch
-import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-from .dropout import Dropout
-from .torch_ops import _rounded, _scaled_to, compute_dtype
 
 WeightLike = Union[torch.Tensor, Callable[[], torch.Tensor]]
 
@@ -34,7 +29,7 @@ WeightLike = Union[torch.Tensor, Callable[[], torch.Tensor]]
 _BLOCK_BYTES = 1 << 22
 
 
-def _norm_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def norm_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 when any input is float64, float32 otherwise (half-precision inputs too)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -45,20 +40,96 @@ def _row_blocks(n: int, k: int):
         yield r0, min(n, r0 + rows)
 
 
-def _dense(weight: WeightLike) -> torch.Tensor:
-    return weight() if callable(weight) else weight
-
-
-def weight_row_norm_sq(weight: WeightLike) -> torch.Tensor:
+def weight_row_norm_sq(weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``||W_i||^2`` for every row of the frozen W, in fp32 (float64 for a float64 W): what the caller computes
-    once per frozen weight and caches (invalidated when W changes). Row blocks: no full-size copy of a half W."""
-    w = _dense(weight)
-    ndt = _norm_dtype(w)
+    once per frozen weight and caches (:class:`WeightNormCache`). Row blocks: no full-size copy of a half W.
+
+    ``weight``: a dense ``[out, in]`` tensor, an :class:`~fused_lora.nf4.NF4Weight` or NF4 operands (dequantized
+    to ``dtype``, default the weight's own dtype for an NF4Weight and fp32 for operands: the values the GEMMs
+    multiply with when ``dtype`` is the math dtype), or a callable returning the dense W."""
+    w = _dense_in(weight, dtype)
+    ndt = norm_dtype(w)
     out = torch.empty(w.shape[0], dtype=ndt, device=w.device)
     for r0, r1 in _row_blocks(*w.shape):
         blk = w[r0:r1].to(ndt)
         torch.linalg.vecdot(blk, blk, dim=1, out=out[r0:r1])
     return out
+
+
+def _dense_in(weight, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """The dense W of a tensor, a callable, or a quantized weight (``dequantize(dtype)``)."""
+    if isinstance(weight, torch.Tensor):
+        return weight
+    if callable(weight) and not hasattr(weight, "dequantize"):
+        return weight()
+    if dtype is None:
+        dtype = getattr(weight, "dtype", torch.float32)
+    return weight.dequantize(dtype)
+
+
+def _tensor_key(t: torch.Tensor):
+    """What identifies a tensor's current values without reading them: the object, its storage and its version
+    counter (bumped by every in-place change made through the tensor: ``load_state_dict``, ``copy_``, optimizer
+    steps). None where a tensor has no version counter (inference-mode tensors): no caching then."""
+    try:
+        version = t._version
+    except RuntimeError:
+        return None
+    return (weakref.ref(t), t.data_ptr(), version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+
+class WeightNormCache:
+    """``||W_i||^2`` of one frozen base weight, computed once and kept until the weight changes.
+
+    :meth:`get` recomputes when the weight is another object, has new storage (``module.to(...)``,
+    ``param.data = ...``, a re-quantized NF4 merge) or a new version (in-place changes: ``load_state_dict``,
+    ``copy_``, ``add_``), or when another dtype is asked for. In-place edits through ``.data`` bypass the version
+    counter: call :meth:`invalidate` after them (merge / unmerge in fused-lora do)."""
+
+    def __init__(self):
+        self._key = None
+        self._value: Optional[torch.Tensor] = None
+
+    def invalidate(self) -> None:
+        self._key, self._value = None, None
+
+    def get(self, weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The cached ``||W_i||^2`` of ``weight`` (a tensor or an NF4Weight; see :func:`weight_row_norm_sq`)."""
+        tensors = [weight] if isinstance(weight, torch.Tensor) else \
+            [t for t in (getattr(weight, f, None) for f in getattr(weight, "TENSOR_FIELDS", ())) if t is not None]
+        keys = [_tensor_key(t) for t in tensors]
+        key = None if not keys or any(k is None for k in keys) else (dtype, getattr(weight, "shape", None), *keys)
+        if key is None:
+            return weight_row_norm_sq(weight, dtype)
+        if self._key is None or not _same_key(self._key, key):
+            with torch.no_grad():
+                self._value = weight_row_norm_sq(weight, dtype)
+            self._key = key
+        return self._value
+
+
+def _same_key(a, b) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, tuple) and isinstance(y, tuple):
+            if x[0]() is None or x[0]() is not y[0]() or x[1:] != y[1:]:
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def dora_weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                     weight_norm_sq: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``n = ||W + s B A||_row`` ``[out]`` in fp32 (float64 for float64 inputs), detached: DoRA's weight norm (what
+    PEFT's ``get_weight_norm`` computes with an ``[out, in]`` temporary), by :func:`dora_row_norm_sq`. Used by
+    merge and to initialise the magnitude (``m = n`` makes a new DoRA layer start as its base layer).
+    ``weight`` / ``dtype``: as in :func:`weight_row_norm_sq`."""
+    with torch.no_grad():
+        dense = _dense_in(weight, dtype)
+        wsq = weight_row_norm_sq(dense) if weight_norm_sq is None else weight_norm_sq
+        return dora_row_norm_sq(wsq, dense, lora_A.detach(), lora_B.detach(), scaling).clamp_min(0).sqrt()
 
 
 def default_rtol(dtype: torch.dtype) -> float:
@@ -120,8 +191,8 @@ def dora_row_norm_sq(
 
     Returns ``n^2`` ``[N]`` in the norm dtype (and the mask when asked).
     """
-    w = _dense(weight)
-    ndt = _norm_dtype(w, lora_A, lora_B)
+    w = _dense_in(weight, None)
+    ndt = norm_dtype(w, lora_A, lora_B)
     n_out, k = w.shape
     r = lora_A.shape[0]
     a = lora_A.to(ndt)
@@ -157,126 +228,15 @@ def dora_row_norm_sq(
     return n_sq
 
 
-class DoraFunction(torch.autograd.Function):
-    r"""Autograd Function of PEFT's DoRA linear on 2-D inputs (torch path).
-
-    ``DoraFunction.apply(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed, weight_norm_sq)``:
-    x ``[M, K]``, the frozen W ``[N, K]`` (must not require grad), A ``[r, K]``, B ``[N, r]``, the magnitude m
-    ``[N]``, bias ``[N]`` or None, ``s = scaling``, ``dropout_p`` (0: no dropout, also eval), ``seed`` (the 0-dim
-    int64 tensor of :func:`fused_lora.dropout.seed_tensor`; None when p = 0), ``weight_norm_sq`` the cached
-    ``||W_i||^2`` (None: computed here).
-
-    Forward, with ``n = sqrt(dora_row_norm_sq(...))`` (a constant: detached), ``c = m / n`` ``[N]``, keep-probability
-    ``q = 1 - p`` and the 0/1 mask ``k`` so that ``D(x) = k * x / q``::
-
-        p = 0:  xa = x A^T,     z = x W^T + s xa B^T,               y = c * z + b
-        p > 0:  xa = D(x) A^T,  bd = D(x) W^T,  z = bd + s xa B^T,   y = x W^T + b + (c - 1) * bd + c * s xa B^T
-                                                                          (= x W^T - bd + c * z + b)
-
-    (p = 0 is the case ``D = identity``, ``bd = x W^T``, of the second line.) Element-wise, with ``c_n`` scaling
-    column n: ``y[i,n] = sum_k x[i,k] W[n,k] + b[n] + (c_n - 1) bd[i,n] + c_n s sum_j xa[i,j] B[n,j]``.
-
-    Backward, ``g = dL/dy`` ``[M, N]``, ``gc = g * c`` (columns scaled):
-
-    * ``dL/dm_n = sum_i g[i,n] dy[i,n]/dc_n * dc_n/dm_n = sum_i g[i,n] z[i,n] / n_n``  (n is a constant), i.e.
-      ``dm = sum_rows(g * z) / n``; at p = 0, ``z = x W^T + s x A^T B^T``; at p > 0, ``z = D(x) W^T + s xa B^T``;
-    * ``dB = s gc^T xa`` ``[N, r]``;  ``gb = gc B`` ``[M, r]``;  ``dA = s gb^T D(x)`` ``[r, K]``;
-    * x reaches y through ``x W^T`` (weight 1), through ``bd`` (weight ``c - 1``, behind D) and through xa
-      (behind D); D is linear and its own adjoint (same mask, same ``1/q``)::
-
-          dx = g W + D( (g * (c - 1)) W + s gb A )          p > 0
-          dx = gc W + s gb A                                 p = 0 (the same with D = identity)
-
-    * ``dbias = sum_rows g``. W gets no gradient (frozen; a W requiring grad is refused), nor does n.
-
-    Saved for backward: x, W, A, B, xa ``[M, r]``, z ``[M, N]`` (in x's dtype: what dm needs; an ``M x out``
-    tensor like y -- recomputing it would cost a second base GEMM in backward), c and n ``[N]``, the seed. Nothing
-    of size ``M x K`` beyond x: the mask is regenerated from the seed.
-
-    Dtypes: products run in :func:`fused_lora.torch_ops.compute_dtype` (x's dtype, or fp32 for CPU half under the
-    fp32 policy) with A and B rounded to x's dtype where they enter them (as in the LoRA path); the norm, c, and
-    the column epilogues (``c * z``, ``(c - 1) * bd``) in fp32 (float64 for float64 inputs); xa and z rounded to x's
-    dtype. Gradients come back in each input's dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, seed, weight_norm_sq):
-        if weight.requires_grad:
-            raise ValueError("DoraFunction: the base weight is frozen (no gradient through W or the norm); got a "
-                             "weight that requires grad")
-        dtype, cdt = x.dtype, compute_dtype(x)
-        ndt = _norm_dtype(x, weight, lora_A, lora_B)
-        edt = torch.promote_types(cdt, ndt)  # the epilogues' dtype
-        s = float(scaling)
-        if weight_norm_sq is None:
-            weight_norm_sq = weight_row_norm_sq(weight)
-        n = dora_row_norm_sq(weight_norm_sq, weight, lora_A, lora_B, s).clamp_min(0).sqrt()
-        c = magnitude.detach().to(ndt) / n
-        ce = c.to(edt)
-        be = None if bias is None else bias.detach().to(edt)
-
-        xc, wc = x.to(cdt), weight.to(cdt)
-        ac, bc = _rounded(lora_A, dtype, cdt), _rounded(lora_B, dtype, cdt)
-        m_rows, k = x.shape
-        base = F.linear(xc, wc)
-        if dropout_p > 0:
-            dropout = Dropout(float(dropout_p), int(seed.item()))
-            xm = dropout.keep_mask(m_rows, k, x.device, dtype=cdt).mul_(xc)  # k * x (transient, not saved)
-            bd = torch.mm(xm, wc.t()).mul_(dropout.scale)
-            xa = torch.mm(xm, ac.t()).mul_(dropout.scale).to(dtype)
-            del xm
-            lora = torch.mm(xa.to(cdt), bc.t()).mul_(s)
-            z = (bd + lora).to(dtype)
-            y = base.to(edt).add_(bd.to(edt) * (ce - 1)).add_(lora.to(edt) * ce)
-        else:
-            xa = F.linear(xc, ac).to(dtype)
-            zc = base.addmm_(xa.to(cdt), bc.t(), alpha=s)
-            z = zc.to(dtype)
-            y = zc.to(edt) * ce
-        if be is not None:
-            y.add_(be)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, z, c, n, seed)
-        ctx.scaling, ctx.dropout_p = s, float(dropout_p)
-        ctx.dtypes = (None if bias is None else bias.dtype, magnitude.dtype)
-        return y.to(dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, weight, lora_A, lora_B, xa, z, c, n, seed = ctx.saved_tensors
-        need_x, _, need_a, need_b, need_m, need_bias = ctx.needs_input_grad[:6]
-        bias_dtype, m_dtype = ctx.dtypes
-        s, p = ctx.scaling, ctx.dropout_p
-        dtype, cdt = x.dtype, compute_dtype(x)
-        edt = torch.promote_types(cdt, c.dtype)
-        ce = c.to(edt)
-        ge = grad_out.to(edt)
-        gc = (ge * ce).to(dtype).to(cdt)  # g * c, rounded to x's dtype like the kernels' stored intermediates
-        ac, bc = _rounded(lora_A, dtype, cdt), _rounded(lora_B, dtype, cdt)
-        wc = weight.to(cdt)
-        dx = da = db = dm = dbias = None
-
-        if need_m:
-            dm = (ge * z.to(edt)).sum(0).div_(n.to(edt)).to(m_dtype)
-        if need_bias:
-            dbias = ge.sum(0).to(bias_dtype)
-        if need_b:
-            db = _scaled_to(torch.mm(gc.t(), xa.to(cdt)), s, lora_B.dtype)
-        if need_x or need_a:
-            gb = torch.mm(gc, bc).to(dtype).to(cdt)  # [M, r]
-        xc = x.to(cdt)
-        if p > 0:
-            dropout = Dropout(p, int(seed.item()))
-            keep = dropout.keep_mask(*x.shape, x.device, dtype=cdt)
-            if need_x:
-                inner = torch.mm((ge * (ce - 1)).to(dtype).to(cdt), wc).addmm_(gb, ac, alpha=s)
-                dx = torch.mm(grad_out.to(cdt), wc).addcmul_(inner, keep, value=dropout.scale).to(dtype)
-                del inner
-            if need_a:
-                da = _scaled_to(torch.mm(gb.t(), keep.mul_(xc)), s * dropout.scale, lora_A.dtype)
-        else:
-            if need_x:
-                dx = torch.mm(gc, wc).addmm_(gb, ac, alpha=s).to(dtype)
-            if need_a:
-                da = _scaled_to(torch.mm(gb.t(), xc), s, lora_A.dtype)
-        return dx, None, da, db, dm, dbias, None, None, None, None
+def dora_scale(weight, dtype: torch.dtype, lora_A: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
+               scaling: float, weight_norm_sq: Optional[torch.Tensor] = None):
+    """``(c, n)``: DoRA's column scale ``c = m / n`` and the weight norm ``n = ||W + s B A||_row`` ``[out]``, both in
+    fp32 (float64 when W, A, B or m is float64), from the values the GEMMs use: ``weight`` is a dense tensor or
+    quantized operands (dequantized to ``dtype``, the activation dtype). ``weight_norm_sq``: the cached
+    ``||W_i||^2`` (computed here when None). Detached: no gradient flows through n (PEFT's definition)."""
+    with torch.no_grad():
+        dense = _dense_in(weight, dtype)
+        wsq = weight_row_norm_sq(dense) if weight_norm_sq is None else weight_norm_sq
+        ndt = norm_dtype(dense, lora_A, lora_B, magnitude)
+        n = dora_row_norm_sq(wsq, dense, lora_A, lora_B, scaling).clamp_min_(0).sqrt_().to(ndt)
+        return magnitude.detach().to(ndt) / n, n

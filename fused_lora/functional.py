@@ -9,7 +9,7 @@ from typing import List, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-from . import _autoselect, torch_ops
+from . import _autoselect, dora, torch_ops
 from ._backend import resolve_backend
 from .base import WEIGHT_KINDS, kind_of
 from .dropout import Dropout, seed_tensor
@@ -259,6 +259,169 @@ class FusedLoraFunction(torch.autograd.Function):
 # The gradients are routed by these names: they must be forward's parameters, in order.
 assert tuple(inspect.signature(FusedLoraFunction.forward).parameters)[1:-1] == _FUNCTION_ARGUMENTS
 
+# ----------------------------------------------------------------------------------------------------------------
+# DoRA: its own operators and Function (more inputs, more saved tensors, another gradient), the same boundary.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DoraGrads(NamedTuple):
+    """The gradients of the fused DoRA linear, in the order of the ``needs`` flags, the implementations' results
+    and the custom backward operator."""
+
+    x: Optional[torch.Tensor]
+    lora_A: Optional[torch.Tensor]
+    lora_B: Optional[torch.Tensor]
+    magnitude: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+
+
+@torch.library.custom_op("fused_lora::dora_linear_forward", mutates_args=())
+def dora_linear_forward(
+    x: torch.Tensor, weight_kind: str, weight: List[Optional[torch.Tensor]], weight_ints: List[int],
+    lora_A: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor, bias: Optional[torch.Tensor],
+    weight_norm_sq: Optional[torch.Tensor], scaling: float, dropout_p: float, seed: Optional[torch.Tensor],
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, xa, z, c, n)`` for 2-D x (:class:`FusedDoraFunction`); the weight norm is computed inside, so that its
+    data-dependent fallback stays out of compiled graphs."""
+    w = WEIGHT_KINDS[weight_kind].operands(weight, weight_ints)
+    scale, norm = dora.dora_scale(w, x.dtype, lora_A, lora_B, magnitude, scaling, weight_norm_sq)
+    y, xa, z = _run(backend, "dora_forward", x, w, lora_A, lora_B, bias, scaling, _dropout(dropout_p, seed), scale)
+    return y, xa, z, scale, norm
+
+
+@dora_linear_forward.register_fake
+def _(x, weight_kind, weight, weight_ints, lora_A, lora_B, magnitude, bias, weight_norm_sq, scaling, dropout_p, seed,
+      backend):
+    out_features = WEIGHT_KINDS[weight_kind].flat_shape(weight, weight_ints)[0]
+    ndt = dora.norm_dtype(x, lora_A, lora_B, magnitude)
+    return (x.new_empty((x.shape[0], out_features)), x.new_empty((x.shape[0], lora_A.shape[0])),
+            x.new_empty((x.shape[0], out_features)), x.new_empty((out_features,), dtype=ndt),
+            x.new_empty((out_features,), dtype=ndt))
+
+
+@torch.library.custom_op("fused_lora::dora_linear_backward", mutates_args=())
+def dora_linear_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, weight_kind: str, weight: List[Optional[torch.Tensor]],
+    weight_ints: List[int], lora_A: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, z: torch.Tensor,
+    scale: torch.Tensor, norm: torch.Tensor, scaling: float, dropout_p: float, seed: Optional[torch.Tensor],
+    backend: str, needs: List[bool],
+) -> List[torch.Tensor]:
+    """The gradients in :class:`DoraGrads` order; an entry not flagged in ``needs`` is an empty tensor."""
+    w = WEIGHT_KINDS[weight_kind].operands(weight, weight_ints)
+    grads = _run(backend, "dora_backward", grad_out, x, w, lora_A, lora_B, xa, z, scale, norm, scaling,
+                 _dropout(dropout_p, seed), DoraGrads(*needs))
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@dora_linear_backward.register_fake
+def _(grad_out, x, weight_kind, weight, weight_ints, lora_A, lora_B, xa, z, scale, norm, scaling, dropout_p, seed,
+      backend, needs):
+    shapes = DoraGrads(x.shape, lora_A.shape, lora_B.shape, scale.shape, scale.shape)
+    dtypes = DoraGrads(x.dtype, lora_A.dtype, lora_B.dtype, scale.dtype, x.dtype)
+    return [x.new_empty(shape if need else (0,), dtype=dt) for shape, dt, need in zip(shapes, dtypes, needs)]
+
+
+_DORA_ARGUMENTS = ("x", "lora_A", "lora_B", "magnitude", "bias", "weight_norm_sq", "scaling", "dropout_p", "seed",
+                   "backend", "weight_kind", "weight_ints")
+
+
+class FusedDoraFunction(torch.autograd.Function):
+    r"""Autograd Function of the fused DoRA linear (PEFT 0.21's DoRA) on 2-D inputs.
+
+    Notation as in :class:`FusedLoraFunction`, plus the trainable magnitude m ``[N]`` and, per output feature,
+    the weight norm ``n = ||W + s B A||_row`` -- **detached**: a constant of the step, no gradient flows through it
+    (DoRA paper, section 4.3; PEFT) -- and the column scale ``c = m / n`` ``[N]``. ``c`` scales columns of
+    ``[M, N]`` tensors (``c * z``). n is computed without ``[N, K]`` temporaries
+    (:func:`fused_lora.dora.dora_row_norm_sq`: ``||W_i||^2`` cached per frozen W, one thin ``W A^T``).
+
+    Forward, with ``L = xa B^T`` and ``xa = D(x) A^T``::
+
+        z = D(x) W^T + s L                                  [M, N]   (saved: dm needs it)
+        y = (x W^T + s L) + (c - 1) * z + b
+          = x W^T + b + (c - 1) * (D(x) W^T) + c * s L      (PEFT's form, expanded)
+        p = 0 (D = identity):  z = x W^T + s L,  y = c * z + b
+
+    Backward, ``g = dL/dy``. Element-wise, ``y[i,n] = sum_k x[i,k] W[n,k] + b[n] + (c_n - 1) bd[i,n]
+    + c_n s sum_j xa[i,j] B[n,j]`` with ``bd = D(x) W^T``, and ``c_n = m_n / n_n`` with n a constant:
+
+    * ``dL/dm_n = sum_i g[i,n] (bd[i,n] + s L[i,n]) / n_n``            ->  ``dm = colsum(g * z) / n``
+    * with ``gc = g * c`` (columns scaled): ``dL/dB[n,j] = s sum_i gc[i,n] xa[i,j]``  ->  ``dB = s gc^T xa``
+    * ``gb = gc B`` ``[M, r]``; through ``xa = D(x) A^T``:                ->  ``dA = s gb^T D(x)``
+    * x reaches y through ``x W^T`` (weight 1), through ``bd`` (weight ``c - 1``, behind D) and through xa (behind
+      D); D is linear and its own adjoint (same mask, same ``1/q``)::
+
+          dx = g W + D( (g * (c - 1)) W + s gb A )
+          p = 0:  dx = gc W + s gb A                  (g W + (g * (c - 1)) W = (g * c) W)
+
+    * ``dbias = colsum(g)``. W gets no gradient (a W requiring grad is refused), nor does n.
+
+    Saved for backward: x, W (or its NF4 codes), A, B, xa ``[M, r]``, z ``[M, N]`` (in x's dtype), c and n
+    ``[N]``, the seed: nothing of size ``M x K`` but x; the mask is regenerated from the seed.
+
+    Dtypes and rounding follow :class:`FusedLoraFunction` (A, B rounded to x's dtype where they enter products,
+    fp32 accumulation, xa / gb / z kept in x's dtype). ``gc = g * c`` and ``g * (c - 1)`` are rounded to x's dtype
+    as GEMM operands. c, n and the column epilogues are fp32 (float64 for float64 inputs); dm is computed in fp32
+    and returned in m's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, magnitude, bias, weight_norm_sq, scaling, dropout_p, seed, backend,
+                weight_kind, weight_ints, *weight):
+        y, xa, z, scale, norm = dora_linear_forward(x, weight_kind, list(weight), weight_ints, lora_A, lora_B,
+                                                    magnitude, bias, weight_norm_sq, scaling, dropout_p, seed,
+                                                    backend)
+        ctx.save_for_backward(x, lora_A, lora_B, xa, z, scale, norm, seed, *weight)
+        ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+        ctx.weight_kind, ctx.weight_ints = weight_kind, weight_ints
+        ctx.magnitude_dtype = magnitude.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # create_graph=True
+            return _refuse_double_backward(FusedDoraFunction.backward, ctx, grad_out)
+        x, lora_A, lora_B, xa, z, scale, norm, seed, *weight = ctx.saved_tensors
+        requested = dict(zip(_DORA_ARGUMENTS, ctx.needs_input_grad))
+        needs = DoraGrads(*(requested[name] for name in DoraGrads._fields))
+        with _autocast_off(grad_out.device.type):
+            computed = dora_linear_backward(grad_out, x, ctx.weight_kind, weight, ctx.weight_ints, lora_A, lora_B,
+                                            xa, z, scale, norm, ctx.scaling, ctx.dropout_p, seed, ctx.backend,
+                                            list(needs))
+        grads = DoraGrads(*(g if need else None for g, need in zip(computed, needs)))
+        grads = grads._replace(
+            magnitude=None if grads.magnitude is None else grads.magnitude.to(ctx.magnitude_dtype),
+            bias=None if grads.bias is None else grads.bias.to(ctx.bias_dtype))
+        by_name = grads._asdict()
+        return (*(by_name.get(name) for name in _DORA_ARGUMENTS), *([None] * len(weight)))
+
+
+assert tuple(inspect.signature(FusedDoraFunction.forward).parameters)[1:-1] == _DORA_ARGUMENTS
+
+
+def _validate_dora(x, weight, magnitude, weight_norm_sq) -> None:
+    out_features = weight.shape[0]
+    for name, t in (("magnitude", magnitude), ("weight_norm_sq", weight_norm_sq)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != (out_features,):
+            raise ValueError(f"{name} has shape {list(t.shape)}; expected [out_features] = [{out_features}]")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16, float64")
+        if t.device != x.device:
+            raise ValueError(f"device mismatch: x is on {x.device} but {name} is on {t.device}")
+    if weight_norm_sq is not None and weight_norm_sq.requires_grad:
+        raise ValueError("weight_norm_sq is the cached ||W_i||^2 of the frozen weight: it takes no gradient "
+                         "(pass it detached)")
+    if isinstance(weight, torch.Tensor) and weight.requires_grad:
+        raise ValueError("DoRA: the base weight must be frozen (no gradient flows through W or the weight norm); "
+                         "got a weight that requires grad")
+
+
+
 def _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p):
     """The checks of every call; returns the weight's kind (fused_lora.base). Messages are formatted only on
     failure (formatting them all cost ~60 us per call)."""
@@ -322,8 +485,12 @@ def fused_lora_linear(
     dropout_p: float = 0.0,
     training: bool = True,
     seed: Optional[int] = None,
+    *,
+    magnitude: Optional[torch.Tensor] = None,
+    weight_norm_sq: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``y = x @ W^T + scaling * (dropout(x) @ A^T) @ B^T + bias`` for x of shape ``[..., in_features]``.
+    """``y = x @ W^T + scaling * (dropout(x) @ A^T) @ B^T + bias`` for x of shape ``[..., in_features]``; with
+    ``magnitude``, PEFT's DoRA linear.
 
     Args:
         x: activations ``[..., in_features]``; any strides.
@@ -336,6 +503,12 @@ def fused_lora_linear(
         training: dropout applies only when True.
         seed: the dropout mask's seed; drawn from torch's default generator when None. The same seed gives the same
             mask on every backend and device.
+        magnitude: DoRA's trainable magnitude m ``[out_features]`` (PEFT's ``lora_magnitude_vector``), any floating
+            dtype: then ``y = x W^T + b + (c - 1) * (D(x) W^T) + c * scaling * D(x) A^T B^T`` with
+            ``c = m / ||W + scaling B A||_row`` (the norm detached; with D = identity, ``y = c * (x W^T + scaling
+            x A^T B^T) + b``). W must be frozen. Details: :class:`FusedDoraFunction`.
+        weight_norm_sq: DoRA only: the cached ``||W_i||^2`` of the frozen W (``fused_lora.dora.WeightNormCache``;
+            for an NF4 W, of W dequantized to x's dtype), fp32 ``[out_features]``; computed when None.
 
     Dtypes: x, a dense weight and bias share one dtype (float32, float16 or bfloat16; float64 on the torch backend).
     lora_A and lora_B share one floating dtype, which may differ from x's -- PEFT keeps fp32 adapters over bf16 /
@@ -355,7 +528,11 @@ def fused_lora_linear(
             t.to(cast) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
             for t in (x, weight, lora_A, lora_B, bias))
     kind = _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
-    _refuse_transforms((x, weight if isinstance(weight, torch.Tensor) else None, lora_A, lora_B, bias))
+    if magnitude is not None:
+        _validate_dora(x, weight, magnitude, weight_norm_sq)
+    elif weight_norm_sq is not None:
+        raise ValueError("weight_norm_sq is DoRA's cached weight norm: it needs magnitude")
+    _refuse_transforms((x, weight if isinstance(weight, torch.Tensor) else None, lora_A, lora_B, bias, magnitude))
 
     p = float(dropout_p) if training else 0.0
     seed_t = seed_tensor(seed) if p > 0.0 else None
@@ -367,8 +544,12 @@ def fused_lora_linear(
     backend = _select_backend(x2, out_features, lora_A.dtype)
     weight_tensors, weight_ints = kind.flatten(weight)
     with _autocast_off(x.device.type):
-        y = FusedLoraFunction.apply(x2, lora_A, lora_B, bias, float(scaling), p, seed_t, backend, kind.kind,
-                                    weight_ints, *weight_tensors)
+        if magnitude is None:
+            y = FusedLoraFunction.apply(x2, lora_A, lora_B, bias, float(scaling), p, seed_t, backend, kind.kind,
+                                        weight_ints, *weight_tensors)
+        else:
+            y = FusedDoraFunction.apply(x2, lora_A, lora_B, magnitude, bias, weight_norm_sq, float(scaling), p,
+                                        seed_t, backend, kind.kind, weight_ints, *weight_tensors)
     if x.dim() == 2:
         return y
     # y is a fresh tensor nobody else views: give it its [..., out] shape without making it a view (as matmul does),

@@ -160,9 +160,11 @@ def _masked_down_projection(xc: torch.Tensor, ac: torch.Tensor, dropout: Dropout
     return xa
 
 
-def _masked_lora_grads(dx, gb, a, xc, dropout: Dropout, dx_scale: float, need_da: bool):
-    """In row blocks sharing one mask per block: ``dx += dx_scale * keep * (gb @ a)`` in place when ``dx`` is given,
-    and, when ``need_da``, returns the unscaled ``gb^T (keep * x)`` (None otherwise)."""
+def _masked_lora_grads(dx, gb, a, xc, dropout: Dropout, dx_scale: float, need_da: bool, gb_alpha: float = 1.0,
+                       dx_inner: Optional[torch.Tensor] = None):
+    """In row blocks sharing one mask per block: ``dx += dx_scale * keep * (gb_alpha * gb @ a + dx_inner)`` in place
+    when ``dx`` is given (``dx_inner``: an optional ``[M, K]`` term under the mask, DoRA's), and, when ``need_da``,
+    returns the unscaled ``gb^T (keep * x)`` (None otherwise)."""
     m, k = xc.shape
     rows = _mask_block_rows(m, k, xc.dtype)
     keep_buf = torch.empty((rows, k), dtype=xc.dtype, device=xc.device)
@@ -172,7 +174,10 @@ def _masked_lora_grads(dx, gb, a, xc, dropout: Dropout, dx_scale: float, need_da
         r1 = min(r0 + rows, m)
         keep = dropout.keep_mask(r1 - r0, k, xc.device, row_start=r0, out=keep_buf[: r1 - r0])
         if dx is not None:
-            prod = torch.mm(gb[r0:r1], a, out=prod_buf[: r1 - r0])
+            if dx_inner is None:
+                prod = torch.mm(gb[r0:r1], a, out=prod_buf[: r1 - r0])
+            else:
+                prod = torch.addmm(dx_inner[r0:r1], gb[r0:r1], a, alpha=gb_alpha, out=prod_buf[: r1 - r0])
             dx[r0:r1].addcmul_(prod, keep, value=dx_scale)
         if need_da:
             xd = keep.mul_(xc[r0:r1])  # the block's mask is not needed after this: reuse its buffer
@@ -246,3 +251,97 @@ def lora_backward(
     if need_da:
         da = _scaled_to(da, lora_scale, lora_A.dtype)
     return dx, dw, da, db, dbias
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DoRA (math and derivation: fused_lora.dora.FusedDoraFunction). ``scale`` is c = m / n ``[N]`` in fp32 (float64
+# for float64 inputs); the column epilogues run in the wider of it and the compute dtype.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def dora_forward(
+    x: torch.Tensor,
+    weight,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    scaling: float,
+    dropout: Optional[Dropout],
+    scale: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, xa, z)`` of the DoRA linear on 2-D x: ``xa = D(x) A^T``, ``z = D(x) W^T + s xa B^T`` and
+    ``y = (x W^T + s xa B^T) + (c - 1) * z + b`` (with D = identity: ``y = c * z + b``)."""
+    dtype, cdt = x.dtype, compute_dtype(x)
+    edt = torch.promote_types(cdt, scale.dtype)
+    ce = scale.to(edt)
+    xc, wc = x.to(cdt), dense_weight(weight, dtype).to(cdt)
+    ac, bt = _rounded(lora_A, dtype, cdt), _transposed(_rounded(lora_B, dtype, cdt))
+    base = F.linear(xc, wc)
+    if dropout is None:
+        xa = F.linear(xc, ac).to(dtype)
+        z = base.addmm_(xa.to(cdt), bt, alpha=scaling)
+        y = z.to(edt) * ce  # a new tensor: z is returned too
+    else:
+        m_rows, k = x.shape
+        xm = dropout.keep_mask(m_rows, k, x.device, dtype=cdt).mul_(xc)  # keep * x: transient, never saved
+        z = torch.mm(xm, wc.t()).mul_(dropout.scale)  # D(x) W^T
+        xa = torch.mm(xm, ac.t()).mul_(dropout.scale).to(dtype)
+        del xm
+        lora = torch.mm(xa.to(cdt), bt).mul_(scaling)
+        z.add_(lora)
+        y = base.add_(lora).to(edt).add_(z.to(edt) * (ce - 1))
+    if bias is not None:
+        y.add_(bias.to(edt))
+    return y.to(dtype), xa, z.to(dtype)
+
+
+def dora_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    xa: torch.Tensor,
+    z: torch.Tensor,
+    scale: torch.Tensor,
+    norm: torch.Tensor,
+    scaling: float,
+    dropout: Optional[Dropout],
+    needs: Tuple[bool, bool, bool, bool, bool],
+) -> Tuple[Optional[torch.Tensor], ...]:
+    """Gradients ``(dx, dlora_A, dlora_B, dmagnitude, dbias)`` (``fused_lora.dora.DoraGrads`` order) for the inputs
+    flagged in ``needs``: dA / dB in the adapters' dtype, dmagnitude in the scale's dtype (fp32 or float64), dbias
+    in x's."""
+    need_dx, need_da, need_db, need_dm, need_dbias = needs
+    dtype, cdt = x.dtype, compute_dtype(x)
+    edt = torch.promote_types(cdt, scale.dtype)
+    ce = scale.to(edt)
+    ge = grad_out.to(edt)
+    gc = (ge * ce).to(dtype).to(cdt)  # g * c, rounded to x's dtype as the kernels' in-register scaling is
+    ac = _rounded(lora_A, dtype, cdt)
+    dx = da = db = dm = dbias = None
+
+    if need_dm:
+        dm = (ge * z.to(edt)).sum(0).div_(norm.to(edt)).to(scale.dtype)
+    if need_dbias:
+        dbias = ge.sum(0).to(dtype)
+    if need_db:
+        db = _scaled_to(F.linear(xa.to(cdt).t(), gc.t()), scaling, lora_B.dtype).t().contiguous()
+    if need_dx or need_da:
+        gb = F.linear(gc, _transposed(_rounded(lora_B, dtype, cdt))).to(dtype).to(cdt)  # [M, r]
+    wc = dense_weight(weight, dtype).to(cdt) if need_dx else None
+    if dropout is None:
+        if need_dx:
+            dx = torch.mm(gc, wc).addmm_(gb, ac, alpha=scaling).to(dtype)
+        if need_da:
+            da = _scaled_to(F.linear(gb.t(), x.to(cdt).t()), scaling, lora_A.dtype)
+    elif need_dx or need_da:
+        # dx = g W + D((g * (c - 1)) W + s gb A): the masked part over row blocks, as in lora_backward
+        inner = torch.mm((ge * (ce - 1)).to(dtype).to(cdt), wc) if need_dx else None
+        dx = torch.mm(grad_out.to(cdt), wc) if need_dx else None
+        da = _masked_lora_grads(dx, gb, ac, x.to(cdt), dropout, dropout.scale, need_da, gb_alpha=scaling,
+                                dx_inner=inner)
+        del inner
+        dx = None if dx is None else dx.to(dtype)
+        da = None if da is None else _scaled_to(da, scaling * dropout.scale, lora_A.dtype)
+    return dx, da, db, dm, dbias

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fused_lora.dora import DoraFunction, dora_row_norm_sq, weight_row_norm_sq
-from fused_lora.dropout import Dropout, seed_tensor
+from fused_lora import fused_lora_linear
+from fused_lora.dora import dora_row_norm_sq, weight_row_norm_sq
+from fused_lora.dropout import Dropout
 
 from helpers import assert_close_fp32, assert_three_way
 
@@ -51,8 +52,8 @@ def _run(fn, inp, grad):
 
 def _fused(p=0.0, seed=None):
     def fn(x, weight, lora_A, lora_B, magnitude, bias):
-        return DoraFunction.apply(x, weight, lora_A, lora_B, magnitude, bias, SCALING, p,
-                                  None if p == 0 else seed_tensor(seed), None)
+        return fused_lora_linear(x, weight, lora_A, lora_B, SCALING, bias=bias, dropout_p=p, seed=seed,
+                                 magnitude=magnitude)
     return fn
 
 
@@ -135,12 +136,12 @@ def test_gradcheck_float64(p, monkeypatch):
     inp, _ = _inputs(torch.float64, seed=2, m=5, k=7, n=6, r=3)
     leaves = [inp[k].clone().requires_grad_(True) for k in NAMES]
     weight = inp["weight"]
-    seed = None if p == 0 else seed_tensor(99)
+    seed = None if p == 0 else 99
     frozen = dora.dora_row_norm_sq(weight_row_norm_sq(weight), weight, inp["lora_A"], inp["lora_B"], SCALING)
     monkeypatch.setattr(dora, "dora_row_norm_sq", lambda *args, **kwargs: frozen.clone())
 
     def fn(x, a, b, mag, bias):
-        return DoraFunction.apply(x, weight, a, b, mag, bias, SCALING, p, seed, None)
+        return fused_lora_linear(x, weight, a, b, SCALING, bias=bias, dropout_p=p, seed=seed, magnitude=mag)
 
     assert torch.autograd.gradcheck(fn, tuple(leaves))
 
@@ -194,8 +195,8 @@ def test_saved_tensors_with_dropout():
 
     leaves = {k: inp[k].clone().requires_grad_(True) for k in ("lora_A", "lora_B", "magnitude", "bias")}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = DoraFunction.apply(x, inp["weight"], leaves["lora_A"], leaves["lora_B"], leaves["magnitude"],
-                               leaves["bias"], SCALING, 0.3, seed_tensor(7), None)
+        y = fused_lora_linear(x, inp["weight"], leaves["lora_A"], leaves["lora_B"], SCALING, bias=leaves["bias"],
+                              dropout_p=0.3, seed=7, magnitude=leaves["magnitude"])
     assert K > N  # so that z [M, N] is told apart from an M x K tensor by its size
     # of x's size or more: only x itself and the frozen W (N x K, larger than x here)
     big = sorted((tuple(t.shape), t.data_ptr()) for t in saved if t.numel() >= x.numel())
@@ -209,5 +210,5 @@ def test_saved_tensors_with_dropout():
 def test_frozen_weight_required():
     inp, _ = _inputs(torch.float32)
     with pytest.raises(ValueError, match="frozen"):
-        DoraFunction.apply(inp["x"], inp["weight"].requires_grad_(True), inp["lora_A"], inp["lora_B"],
-                           inp["magnitude"], None, SCALING, 0.0, None, None)
+        fused_lora_linear(inp["x"], inp["weight"].requires_grad_(True), inp["lora_A"], inp["lora_B"], SCALING,
+                          magnitude=inp["magnitude"])

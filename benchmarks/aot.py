@@ -52,6 +52,7 @@ class Capture:
     variant: str
     dtype: str
     args: dict
+    family: str = ""  # the configuration family the wrapper chose (for fp32: the "ieee" one; "tf32" compiles too)
 
 
 @dataclass
@@ -109,14 +110,28 @@ def resource_usage(cubin: bytes) -> Dict[str, int]:
 # convert after loading them: the kernels that load A or B, with a dense and with an in-loop NF4 weight, and (r16,
 # r32) the smaller rank tiles those of them whose rank tile follows r take with fp32 adapters (the GEMM seeds' is
 # fixed: kernels.lora._FP32_ADAPTERS_SEED_BLOCK_R).
+#
+# DoRA ("-dora" variants: ``dora_forward`` / ``dora_backward``): the forward and dgrad GEMMs with their column scale,
+# z output and (with dropout) second accumulator, which take other tilings ("-dora2"); without dropout ("-dora-p0")
+# they keep LoRA's tilings with an epilogue of their own; grad_out with its scaled g and the dm column sums.
+_GEMMS = ("_lora_linear_fwd_kernel", "_lora_dgrad_kernel")
 _VARIANT_KERNELS = {
     "default": None,
     "deterministic": ("_lora_grad_out_kernel",),
-    "nf4": ("_lora_linear_fwd_kernel", "_lora_dgrad_kernel"),
+    "nf4": _GEMMS,
     "fp32-adapters": ("_lora_down_kernel", "_lora_linear_fwd_kernel", "_lora_grad_out_kernel", "_lora_dgrad_kernel"),
     "fp32-adapters-r16": ("_lora_down_kernel", "_lora_grad_out_kernel"),
     "fp32-adapters-r32": ("_lora_grad_out_kernel",),
-    "nf4-fp32-adapters": ("_lora_linear_fwd_kernel", "_lora_dgrad_kernel"),
+    "nf4-fp32-adapters": _GEMMS,
+    "dora": (*_GEMMS, "_lora_grad_out_kernel"),
+    "dora-p0": _GEMMS,
+    "deterministic-dora": ("_lora_grad_out_kernel",),
+    "nf4-dora": _GEMMS,
+    "nf4-dora-p0": _GEMMS,
+    "fp32-adapters-dora": (*_GEMMS, "_lora_grad_out_kernel"),
+    "fp32-adapters-dora-p0": _GEMMS,
+    "nf4-fp32-adapters-dora": _GEMMS,
+    "nf4-fp32-adapters-dora-p0": _GEMMS,
 }
 
 
@@ -130,8 +145,11 @@ def _example_problems():
 
     K, N = 4096, 4096
     problems = [(dtype, dtype, variant, 64) for dtype in (torch.bfloat16, torch.float32)
-                for variant in ("default", "deterministic", "nf4")]
-    problems += [(torch.bfloat16, torch.float32, variant, 64) for variant in ("fp32-adapters", "nf4-fp32-adapters")]
+                for variant in ("default", "deterministic", "nf4", "dora", "dora-p0", "deterministic-dora", "nf4-dora",
+                                "nf4-dora-p0")]
+    problems += [(torch.bfloat16, torch.float32, variant, 64)
+                 for variant in ("fp32-adapters", "nf4-fp32-adapters", "fp32-adapters-dora", "fp32-adapters-dora-p0",
+                                 "nf4-fp32-adapters-dora", "nf4-fp32-adapters-dora-p0")]
     problems += [(torch.bfloat16, torch.float32, f"fp32-adapters-r{r}", r) for r in (16, 32)]
     for dtype, adapter_dtype, variant, R in problems:
         yield dtype, adapter_dtype, variant, (NF4_FUSED_MAX_TOKENS if _is_nf4(variant) else 4096, K, N, R)
@@ -163,7 +181,7 @@ def _recording_launches(captured: List[Capture], variant: str, dtype: torch.dtyp
             if key in seen:
                 return
             seen.add(key)
-        captured.append(Capture(self.name, variant, str(dtype).replace("torch.", ""), args))
+        captured.append(Capture(self.name, variant, str(dtype).replace("torch.", ""), args, family))
 
     original = Launcher.__call__
     Launcher.__call__ = record
@@ -188,13 +206,18 @@ def capture_launches() -> List[Capture]:
         bias = torch.empty(N, dtype=dtype)
         g = torch.empty(M, N, dtype=dtype)
         xa = torch.empty(M, R, dtype=dtype)
-        dropout = Dropout(0.1, 0)
+        dropout = None if variant.endswith("-p0") else Dropout(0.1, 0)
         original_det = torch.are_deterministic_algorithms_enabled()
         try:
-            torch.use_deterministic_algorithms(variant == "deterministic")
+            torch.use_deterministic_algorithms(variant.startswith("deterministic"))
             with _recording_launches(captured, variant, dtype, seen):
-                lora.lora_forward(x, w, a, b, bias, 2.0, dropout)
-                lora.lora_backward(g, x, w, a, b, xa, 2.0, dropout, (True, False, True, True, True))
+                if "dora" in variant:
+                    scale, z = torch.empty(N), torch.empty(M, N, dtype=dtype)
+                    lora.dora_forward(x, w, a, b, bias, 2.0, dropout, scale)
+                    lora.dora_backward(g, x, w, a, b, xa, z, scale, scale, 2.0, dropout, (True,) * 5)
+                else:
+                    lora.lora_forward(x, w, a, b, bias, 2.0, dropout)
+                    lora.lora_backward(g, x, w, a, b, xa, 2.0, dropout, (True, False, True, True, True))
         finally:
             torch.use_deterministic_algorithms(original_det)
     captured = [c for c in captured
@@ -333,10 +356,9 @@ def jobs() -> List[Tuple]:
     out = []
     for capture in capture_launches():
         launcher = _launcher_by_name(capture.launcher)
-        families = ("half",) if capture.dtype != "float32" else ("tf32", "ieee")
-        # the GEMMs that dequantize NF4 in their main loop, or convert fp32 adapter tiles, have their own tilings
-        suffix = "-nf4" if _is_nf4(capture.variant) else "-fp32a" if capture.variant == "fp32-adapters" else ""
-        families = tuple(f + suffix if f + suffix in launcher.configs else f for f in families)
+        # the family the wrapper chose (on CPU tensors fp32 is "ieee"; its tensor-core twin "tf32" compiles too)
+        families = (capture.family,) if capture.dtype != "float32" else (
+            capture.family.replace("ieee", "tf32", 1), capture.family)
         for family in families:
             for cfg_index in range(len(launcher.configs[family])):
                 for target in TARGETS:

@@ -25,8 +25,9 @@ import torch
 
 WeightLike = Union[torch.Tensor, Callable[[], torch.Tensor]]
 
-# Rows per block where a block of W is converted to the norm's dtype (a bf16 W is never copied whole to fp32).
-_BLOCK_BYTES = 1 << 22
+# Bytes per block of rows where W is converted to the norm's dtype (a bf16 W is never copied whole to fp32): a
+# cache-sized block on CPU; on a GPU, where each block costs kernel launches, up to 64 MiB (a 4096 x 4096 W whole).
+_BLOCK_BYTES = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
 def norm_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -34,8 +35,8 @@ def norm_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _row_blocks(n: int, k: int):
-    rows = max(1, _BLOCK_BYTES // (8 * max(k, 1)))
+def _row_blocks(n: int, k: int, device: torch.device):
+    rows = max(1, _BLOCK_BYTES.get(torch.device(device).type, _BLOCK_BYTES["cpu"]) // (8 * max(k, 1)))
     for r0 in range(0, n, rows):
         yield r0, min(n, r0 + rows)
 
@@ -50,7 +51,7 @@ def weight_row_norm_sq(weight, dtype: Optional[torch.dtype] = None) -> torch.Ten
     w = _dense_in(weight, dtype)
     ndt = norm_dtype(w)
     out = torch.empty(w.shape[0], dtype=ndt, device=w.device)
-    for r0, r1 in _row_blocks(*w.shape):
+    for r0, r1 in _row_blocks(*w.shape, w.device):
         blk = w[r0:r1].to(ndt)
         torch.linalg.vecdot(blk, blk, dim=1, out=out[r0:r1])
     return out
@@ -68,14 +69,14 @@ def _dense_in(weight, dtype: Optional[torch.dtype]) -> torch.Tensor:
 
 
 def _tensor_key(t: torch.Tensor):
-    """What identifies a tensor's current values without reading them: the object, its storage and its version
-    counter (bumped by every in-place change made through the tensor: ``load_state_dict``, ``copy_``, optimizer
-    steps). None where a tensor has no version counter (inference-mode tensors): no caching then."""
+    """What identifies a tensor's current values without reading them: its memory and its version counter (shared
+    by views and bumped by every in-place change made through them: ``load_state_dict``, ``copy_``, ``add_``).
+    None where a tensor has no version counter (inference-mode tensors): no caching then."""
     try:
         version = t._version
     except RuntimeError:
         return None
-    return (weakref.ref(t), t.data_ptr(), version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+    return (t.data_ptr(), version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
 
 
 class WeightNormCache:
@@ -93,14 +94,23 @@ class WeightNormCache:
     def invalidate(self) -> None:
         self._key, self._value = None, None
 
+    def __getstate__(self):
+        return {}  # pickling / deepcopy: a fresh cache (the key holds weak references)
+
+    def __setstate__(self, state) -> None:
+        self.__init__()
+
     def get(self, weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The cached ``||W_i||^2`` of ``weight`` (a tensor or an NF4Weight; see :func:`weight_row_norm_sq`)."""
         tensors = [weight] if isinstance(weight, torch.Tensor) else \
             [t for t in (getattr(weight, f, None) for f in getattr(weight, "TENSOR_FIELDS", ())) if t is not None]
-        keys = [_tensor_key(t) for t in tensors]
-        key = None if not keys or any(k is None for k in keys) else (dtype, getattr(weight, "shape", None), *keys)
-        if key is None:
+        keys = tuple(_tensor_key(t) for t in tensors)
+        if not keys or any(k is None for k in keys):
             return weight_row_norm_sq(weight, dtype)
+        # and the object holding the weight's memory (a view's base: modules hand out new views of one buffer on
+        # every call), so that memory freed and reused by another tensor is not mistaken for the cached weight
+        owner = tensors[0] if tensors[0]._base is None else tensors[0]._base
+        key = (dtype, tuple(getattr(weight, "shape", ())), weakref.ref(owner), keys)
         if self._key is None or not _same_key(self._key, key):
             with torch.no_grad():
                 self._value = weight_row_norm_sq(weight, dtype)
@@ -109,15 +119,9 @@ class WeightNormCache:
 
 
 def _same_key(a, b) -> bool:
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if isinstance(x, tuple) and isinstance(y, tuple):
-            if x[0]() is None or x[0]() is not y[0]() or x[1:] != y[1:]:
-                return False
-        elif x != y:
-            return False
-    return True
+    """Keys of :meth:`WeightNormCache.get`: the same dtype, shape, live owner and tensors in the same state."""
+    owner = a[2]()
+    return owner is not None and owner is b[2]() and a[:2] == b[:2] and a[3] == b[3]
 
 
 def dora_weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
@@ -202,7 +206,7 @@ def dora_row_norm_sq(
 
     # W A^T, one thin product over row blocks of W
     wat = torch.empty((n_out, r), dtype=ndt, device=w.device)
-    for r0, r1 in _row_blocks(n_out, k):
+    for r0, r1 in _row_blocks(n_out, k, w.device):
         torch.mm(w[r0:r1].to(ndt), a.t(), out=wat[r0:r1])
     gram = a @ a.t()  # [r, r]
     cross = torch.linalg.vecdot(wat, b, dim=1)
@@ -219,7 +223,7 @@ def dora_row_norm_sq(
     if fallback and bool(bad.any()):
         rows = bad.nonzero().squeeze(1)
         a64 = lora_A.to(torch.float64)
-        for i0, i1 in _row_blocks(rows.numel(), k):
+        for i0, i1 in _row_blocks(rows.numel(), k, w.device):
             idx = rows[i0:i1]
             direct = w[idx].to(torch.float64).addmm_(lora_B[idx].to(torch.float64), a64, alpha=s)
             n_sq[idx] = torch.linalg.vecdot(direct, direct, dim=1).to(ndt)

@@ -280,7 +280,9 @@ def dora_forward(
     if dropout is None:
         xa = F.linear(xc, ac).to(dtype)
         z = base.addmm_(xa.to(cdt), bt, alpha=scaling)
-        y = z.to(edt) * ce  # a new tensor: z is returned too
+        if bias is not None:  # y = c * z + b in one pass (a new tensor: z is returned too)
+            return torch.addcmul(bias.to(edt), z.to(edt), ce).to(dtype), xa, z.to(dtype)
+        y = z.to(edt) * ce
     else:
         m_rows, k = x.shape
         xm = dropout.keep_mask(m_rows, k, x.device, dtype=cdt).mul_(xc)  # keep * x: transient, never saved

@@ -35,7 +35,8 @@ if __name__ == "kernels":
 else:
     INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-    from .lora import lora_backward, lora_forward  # noqa: E402
+    from .lora import dora_backward, dora_forward, lora_backward, lora_forward  # noqa: E402
     from .nf4 import nf4_decode_tile, nf4_dequantize  # noqa: E402
 
-    __all__ = ["INTERPRETING", "lora_forward", "lora_backward", "nf4_decode_tile", "nf4_dequantize"]
+    __all__ = ["INTERPRETING", "lora_forward", "lora_backward", "dora_forward", "dora_backward", "nf4_decode_tile",
+               "nf4_dequantize"]

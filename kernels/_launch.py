@@ -20,16 +20,20 @@ def config(*, num_warps: int, num_stages: int, **meta) -> triton.Config:
 FAMILIES = ("half", "tf32", "ieee")
 
 
-def config_family(dtype: torch.dtype, precision: str, nf4: bool = False, fp32_adapters: bool = False) -> str:
+def config_family(dtype: torch.dtype, precision: str, nf4: bool = False, fp32_adapters: bool = False,
+                  dora: int = 0) -> str:
     """Configurations differ by operand kind: 16-bit and tf32 operands run on tensor cores, fp32 with "ieee"
     precision on FMA units (whose register-resident operands need smaller tiles to avoid spills). GEMMs that
     dequantize an NF4 weight in their main loop (short inputs only) have their own, "-nf4", configurations, and so
     do the dense GEMMs whose LoRA seed converts fp32 adapter tiles over 16-bit activations ("-fp32a";
-    ``fp32_adapters``)."""
+    ``fp32_adapters``). DoRA's GEMMs (``dora``: 1 without dropout, 2 with dropout, whose two accumulators need
+    smaller tiles) have families of their own, the same names with "-dora" / "-dora2" appended."""
     family = "half" if dtype != torch.float32 else ("tf32" if precision == "tf32" else "ieee")
     if nf4:
-        return family + "-nf4"
-    return family + "-fp32a" if fp32_adapters else family
+        family += "-nf4"
+    elif fp32_adapters:
+        family += "-fp32a"
+    return family + ("", "-dora", "-dora2")[dora]
 
 
 class Launcher:

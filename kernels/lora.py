@@ -24,6 +24,13 @@ dtype in registers, right after the load (a no-op when the dtypes agree; other r
 to the adapters' dtype. Adapters in any other dtype are rounded to the activation dtype by the launch wrappers
 (``_adapter_operand``).
 
+DoRA (``dora_forward`` / ``dora_backward``; math: ``fused_lora.functional.FusedDoraFunction``) runs the same five
+kernels with a DORA flag and c = m / n ``[N]``: kernel 2 applies c as a per-column epilogue and also stores z (what
+dm needs); with dropout it keeps a second accumulator for ``D(x) W^T`` (the mask regenerated on x's tile, x and W
+read once). Kernel 3 scales g's tile by c for gb and dB and sums ``g * z`` by column for dm; kernel 4 scales g's
+tile by c, or, with dropout, keeps ``g W`` and ``(g * (c - 1)) W`` in two accumulators (W read once) and masks the
+second after the loop. Kernels 1 and 5 are LoRA's.
+
 Kernels 2 and 4 are the same GEMM skeleton (``_gemm_tile``, ``_lora_seed``, ``_gemm_main_loop``,
 ``_store_tile``) with their own epilogue between the pieces: kernel 2 reduces over K and adds the bias, kernel 4
 reduces over N and applies the dropout mask to its LoRA term.
@@ -124,20 +131,27 @@ def _lora_seed(
 
 @triton.jit
 def _gemm_main_loop(
-    acc, a_ptr, w_ptr, nf4_code_ptr, nf4_absmax_ptr,
-    rm_in, ro, rred, OUT, RED, K,
-    stride_am, stride_ared, stride_wn, stride_wk, stride_wq,
+    acc, acc2, a_ptr, w_ptr, nf4_code_ptr, nf4_absmax_ptr, col_scale_ptr,
+    rm, rm_in, ro, rred, OUT, RED, K,
+    stride_am, stride_ared, stride_wn, stride_wk, stride_wq, drop_key, drop_threshold,
     RIGHT_T: tl.constexpr, W_NF4: tl.constexpr, NF4_BLOCKSIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_RED: tl.constexpr,
+    BLOCK_RED: tl.constexpr, SCALE_A: tl.constexpr, SECOND: tl.constexpr,
 ):
-    """``acc + a[rm_in, :RED] @ w_op[:RED, ro]``, accumulated in fp32 over the reduction axis.
+    """``(acc + a_op[rm_in, :RED] @ w_op[:RED, ro], acc2 + a2[rm_in, :RED] @ w_op[:RED, ro])``, accumulated in fp32
+    over the reduction axis; each W tile is loaded once for both.
 
     ``w_op`` is W^T (RIGHT_T: the forward, whose output columns are W's rows) or W (the dgrad); W is ``[N, K]``
     (``OUT`` / ``RED``: the output and reduction extents, N and K in either order).
     Dense W: element strides ``stride_wn`` / ``stride_wk``. W_NF4: ``w_ptr`` holds W's packed NF4 codes, byte
     ``j`` at ``w_ptr + j * stride_wq`` (``nf4_code_ptr``: the 16-value table, ``nf4_absmax_ptr``: the decoded fp32
     absmax per block, both contiguous); each W tile is dequantized in registers and rounded to ``a``'s dtype,
-    exactly as the dequantize kernel rounds the whole weight, so both NF4 paths see bit-identical weights."""
+    exactly as the dequantize kernel rounds the whole weight, so both NF4 paths see bit-identical weights.
+
+    DoRA's variants (constexpr; LoRA's GEMMs use neither): SCALE_A: ``a_op = a * col_scale[red]``, a's columns
+    scaled by the fp32 vector ``col_scale_ptr`` over the reduction axis and rounded to a's dtype (the dgrad's
+    ``g * c``). SECOND: the second accumulator -- 0: none (acc2 comes back as it is); 1: ``a2 = keep * a``, the
+    dropout mask regenerated on a's true indices ``(rm, red)`` (the forward's ``D(x) W^T``, unscaled); 2:
+    ``a2 = a * (col_scale[red] - 1)`` (the dgrad's ``(g * (c - 1)) W``)."""
     ro_w = ro % OUT  # int32 for the NF4 decoder (its index arithmetic runs in the indices' type)
     a_ptrs = a_ptr + rm_in[:, None] * stride_am + rred[None, :] * stride_ared
     if RIGHT_T:
@@ -159,10 +173,22 @@ def _gemm_main_loop(
                                 packed_stride=stride_wq).to(a_ptr.dtype.element_ty)
         else:
             w = tl.load(w_ptrs, mask=red_ok[:, None], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        if SCALE_A or SECOND == 2:
+            col_scale = tl.load(col_scale_ptr + red0 + rred, mask=red_ok, other=0.0)
+        if SCALE_A:
+            acc = tl.dot((a.to(tl.float32) * col_scale[None, :]).to(a_ptr.dtype.element_ty), w, acc,
+                         input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        if SECOND == 1:
+            a2 = tl.where(dropout_keep(rm, red0 + rred, RED, drop_key, drop_threshold), a, 0.0)
+            acc2 = tl.dot(a2, w, acc2, input_precision=INPUT_PRECISION)
+        if SECOND == 2:
+            a2 = (a.to(tl.float32) * (col_scale - 1.0)[None, :]).to(a_ptr.dtype.element_ty)
+            acc2 = tl.dot(a2, w, acc2, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_RED * stride_ared
         w_ptrs += BLOCK_RED * stride_wred
-    return acc
+    return acc, acc2
 
 
 @triton.jit
@@ -210,28 +236,48 @@ def _lora_down_kernel(
 
 @triton.jit
 def _lora_linear_fwd_kernel(
-    x_ptr, w_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr, nf4_code_ptr, nf4_absmax_ptr,
+    x_ptr, w_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr, nf4_code_ptr, nf4_absmax_ptr, scale_ptr, z_ptr,
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_wq, stride_xam, stride_xar, stride_bn, stride_br,
-    stride_bias, stride_ym, stride_yn,
-    scaling,
+    stride_bias, stride_ym, stride_yn, stride_zm, stride_zn,
+    scaling, drop_key, drop_threshold, drop_scale,
     HAS_BIAS: tl.constexpr, W_NF4: tl.constexpr, NF4_BLOCKSIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """y[BLOCK_M, BLOCK_N] = x @ W^T + scaling * xa @ B^T + bias.
 
     W dense (``stride_wn`` / ``stride_wk``) or, with W_NF4, packed NF4 codes (see ``_gemm_main_loop``).
-    ``stride_bias``: the bias's element stride (0: broadcast)."""
+    ``stride_bias``: the bias's element stride (0: broadcast).
+
+    DORA (``fused_lora.functional.FusedDoraFunction``; ``scale_ptr``: c = m / n, fp32 ``[N]``), with
+    ``L = xa @ B^T``: also stores ``z = D(x) @ W^T + scaling * L`` (``z_ptr``), and ``y = (x @ W^T + scaling * L)
+    + (c - 1) * z + bias``. Without dropout ``z`` is the one accumulator and ``y = c * z + bias``; with dropout
+    (HAS_DROPOUT) the main loop keeps a second accumulator for ``(m * x) @ W^T``, the mask regenerated on x's
+    tile, seeded with ``scaling * q * L`` so that ``z = acc2 / q`` (``drop_scale`` = 1 / q)."""
     rm, rn, rm_in, rn_in, rr, rk = _gemm_tile(M, N, BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_K, GROUP_M)
     acc = _lora_seed(xa_ptr, b_ptr, rm_in, rn_in, rr, R, stride_xam, stride_xar, stride_bn, stride_br,
                      RIGHT_T=True, INPUT_PRECISION=INPUT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_O=BLOCK_N,
                      BLOCK_R=BLOCK_R)
+    acc2 = acc
+    if DORA and HAS_DROPOUT:
+        acc2 = acc * (scaling / drop_scale)
     acc = acc * scaling
-    acc = _gemm_main_loop(acc, x_ptr, w_ptr, nf4_code_ptr, nf4_absmax_ptr, rm_in, rn, rk, N, K, K,
-                          stride_xm, stride_xk, stride_wn, stride_wk, stride_wq,
-                          RIGHT_T=True, W_NF4=W_NF4, NF4_BLOCKSIZE=NF4_BLOCKSIZE,
-                          INPUT_PRECISION=INPUT_PRECISION, BLOCK_RED=BLOCK_K)
+    acc, acc2 = _gemm_main_loop(acc, acc2, x_ptr, w_ptr, nf4_code_ptr, nf4_absmax_ptr, scale_ptr, rm, rm_in, rn, rk,
+                                N, K, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_wq, drop_key,
+                                drop_threshold, RIGHT_T=True, W_NF4=W_NF4, NF4_BLOCKSIZE=NF4_BLOCKSIZE,
+                                INPUT_PRECISION=INPUT_PRECISION, BLOCK_RED=BLOCK_K, SCALE_A=False,
+                                SECOND=1 if DORA and HAS_DROPOUT else 0)
+    if DORA:
+        c = tl.load(scale_ptr + rn_in)[None, :]
+        if HAS_DROPOUT:
+            z = acc2 * drop_scale
+            acc = acc + (c - 1.0) * z
+        else:
+            z = acc
+            acc = acc * c
+        _store_tile(z_ptr, z, rm, rn, M, N, stride_zm, stride_zn)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn_in * stride_bias).to(tl.float32)[None, :]
     _store_tile(y_ptr, acc, rm, rn, M, N, stride_ym, stride_yn)
@@ -239,13 +285,13 @@ def _lora_linear_fwd_kernel(
 
 @triton.jit
 def _lora_grad_out_kernel(
-    g_ptr, b_ptr, xa_ptr, gb_ptr, db_ptr, dbias_ptr,
+    g_ptr, b_ptr, xa_ptr, gb_ptr, db_ptr, dbias_ptr, scale_ptr, z_ptr, dm_ptr,
     M, N, R, M_BUCKET,
     stride_gm, stride_gn, stride_bn, stride_br, stride_xam, stride_xar, stride_gbm, stride_gbr,
-    stride_dbp, stride_dbn, stride_dbr, stride_dbiasp,
+    stride_dbp, stride_dbn, stride_dbr, stride_dbiasp, stride_zm, stride_zn, stride_dmp,
     scaling,
     STORE_GB: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DBIAS: tl.constexpr, PARTIALS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DORA: tl.constexpr, COMPUTE_DM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """One pass over a block of rows of g: gb = g @ B (complete per program; B's tiles converted to g's dtype after
@@ -253,6 +299,10 @@ def _lora_grad_out_kernel(
 
     The dB / dbias shares are added atomically into fp32 buffers, or, with PARTIALS (torch's deterministic mode),
     written to a per-row-block slice ``[pid_m]`` that the host sums in a fixed order.
+
+    DORA (``scale_ptr``: c, fp32 ``[N]``): gb and dB take ``gc = g * c`` (g's tile scaled in registers, rounded to
+    g's dtype), dbias takes g; COMPUTE_DM adds this block's share of ``colsum(g * z)`` (``z_ptr``: the forward's z,
+    ``[M, N]``) into ``dm_ptr`` like dbias (the host divides by n).
     """
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -271,14 +321,20 @@ def _lora_grad_out_kernel(
     b_ptrs = b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br
     db_ptrs = db_ptr + pid_m * stride_dbp + rn[:, None] * stride_dbn + rr[None, :] * stride_dbr
     dbias_ptrs = dbias_ptr + pid_m * stride_dbiasp + rn
+    z_ptrs = z_ptr + rm64[:, None] * stride_zm + rn[None, :] * stride_zn
+    dm_ptrs = dm_ptr + pid_m * stride_dmp + rn
     for n0 in range(0, N, BLOCK_N):
         n_ok = (n0 + rn) < N
         g = tl.load(g_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        gs = g
+        if DORA:
+            c = tl.load(scale_ptr + n0 + rn, mask=n_ok, other=0.0)
+            gs = (g.to(tl.float32) * c[None, :]).to(g_ptr.dtype.element_ty)
         if STORE_GB:
             b = tl.load(b_ptrs, mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(g_ptr.dtype.element_ty)
-            gb = tl.dot(g, b, gb, input_precision=INPUT_PRECISION)
+            gb = tl.dot(gs, b, gb, input_precision=INPUT_PRECISION)
         if COMPUTE_DB:
-            db = tl.dot(tl.trans(g), xa, input_precision=INPUT_PRECISION) * scaling
+            db = tl.dot(tl.trans(gs), xa, input_precision=INPUT_PRECISION) * scaling
             db_mask = n_ok[:, None] & r_ok[None, :]
             if PARTIALS:
                 tl.store(db_ptrs, db, mask=db_mask)
@@ -291,10 +347,20 @@ def _lora_grad_out_kernel(
                     tl.store(dbias_ptrs, colsum, mask=n_ok)
                 else:
                     tl.atomic_add(dbias_ptrs, colsum, mask=n_ok, sem="relaxed")
+        if COMPUTE_DM:
+            if pid_r == 0:
+                z = tl.load(z_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+                dm = tl.sum(g.to(tl.float32) * z.to(tl.float32), axis=0)
+                if PARTIALS:
+                    tl.store(dm_ptrs, dm, mask=n_ok)
+                else:
+                    tl.atomic_add(dm_ptrs, dm, mask=n_ok, sem="relaxed")
         g_ptrs += BLOCK_N * stride_gn
         b_ptrs += BLOCK_N * stride_bn
         db_ptrs += BLOCK_N * stride_dbn
         dbias_ptrs += BLOCK_N
+        z_ptrs += BLOCK_N * stride_zn
+        dm_ptrs += BLOCK_N
     if STORE_GB:
         gb_ptrs = gb_ptr + rm64[:, None] * stride_gbm + rr[None, :] * stride_gbr
         tl.store(gb_ptrs, gb.to(gb_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
@@ -302,28 +368,41 @@ def _lora_grad_out_kernel(
 
 @triton.jit
 def _lora_dgrad_kernel(
-    g_ptr, w_ptr, gb_ptr, a_ptr, dx_ptr, nf4_code_ptr, nf4_absmax_ptr,
+    g_ptr, w_ptr, gb_ptr, a_ptr, dx_ptr, nf4_code_ptr, nf4_absmax_ptr, scale_ptr,
     M, N, K, R, M_BUCKET,
     stride_gm, stride_gn, stride_wn, stride_wk, stride_wq, stride_gbm, stride_gbr, stride_ar, stride_ak,
     stride_dxm, stride_dxk,
-    lora_scale, drop_key, drop_threshold,
+    lora_scale, scaling, drop_key, drop_threshold, drop_scale,
     HAS_DROPOUT: tl.constexpr, W_NF4: tl.constexpr, NF4_BLOCKSIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DORA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """dx[BLOCK_M, BLOCK_K] = g @ W + lora_scale * m * (gb @ A), lora_scale = scaling / (1 - p).
-    W dense or packed NF4, as in ``_lora_linear_fwd_kernel``."""
+    """dx[BLOCK_M, BLOCK_K] = g @ W + lora_scale * m * (gb @ A), lora_scale = scaling / (1 - p) (``drop_scale``:
+    1 / (1 - p)). W dense or packed NF4, as in ``_lora_linear_fwd_kernel``.
+
+    DORA (``scale_ptr``: c, fp32 ``[N]``): without dropout ``dx = (g * c) @ W + scaling * gb @ A``, g's tile scaled
+    in registers; with dropout ``dx = g @ W + m * ((g * (c - 1)) @ W + scaling * gb @ A) / q``, two accumulators
+    over one pass of W, the mask applied after the loop."""
     rm, rk, rm_in, rk_in, rr, rn = _gemm_tile(M, K, BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_N, GROUP_M)
     acc = _lora_seed(gb_ptr, a_ptr, rm_in, rk_in, rr, R, stride_gbm, stride_gbr, stride_ar, stride_ak,
                      RIGHT_T=False, INPUT_PRECISION=INPUT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_O=BLOCK_K,
                      BLOCK_R=BLOCK_R)
-    if HAS_DROPOUT:  # the mask regenerated from its seed, on the true indices
-        acc = tl.where(dropout_keep(rm, rk, K, drop_key, drop_threshold), acc, 0.0)
-    acc = acc * lora_scale
-    acc = _gemm_main_loop(acc, g_ptr, w_ptr, nf4_code_ptr, nf4_absmax_ptr, rm_in, rk, rn, K, N, K,
-                          stride_gm, stride_gn, stride_wn, stride_wk, stride_wq,
-                          RIGHT_T=False, W_NF4=W_NF4, NF4_BLOCKSIZE=NF4_BLOCKSIZE,
-                          INPUT_PRECISION=INPUT_PRECISION, BLOCK_RED=BLOCK_N)
+    if DORA and HAS_DROPOUT:
+        acc2 = acc * scaling
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    else:
+        if HAS_DROPOUT:  # the mask regenerated from its seed, on the true indices
+            acc = tl.where(dropout_keep(rm, rk, K, drop_key, drop_threshold), acc, 0.0)
+        acc = acc * lora_scale
+        acc2 = acc
+    acc, acc2 = _gemm_main_loop(acc, acc2, g_ptr, w_ptr, nf4_code_ptr, nf4_absmax_ptr, scale_ptr, rm, rm_in, rk, rn,
+                                K, N, K, stride_gm, stride_gn, stride_wn, stride_wk, stride_wq, drop_key,
+                                drop_threshold, RIGHT_T=False, W_NF4=W_NF4, NF4_BLOCKSIZE=NF4_BLOCKSIZE,
+                                INPUT_PRECISION=INPUT_PRECISION, BLOCK_RED=BLOCK_N,
+                                SCALE_A=DORA and not HAS_DROPOUT, SECOND=2 if DORA and HAS_DROPOUT else 0)
+    if DORA and HAS_DROPOUT:
+        acc += tl.where(dropout_keep(rm, rk, K, drop_key, drop_threshold), acc2, 0.0) * drop_scale
     _store_tile(dx_ptr, acc, rm, rk, M, K, stride_dxm, stride_dxk)
 
 
@@ -482,6 +561,43 @@ _DGRAD_TILES = dict(
 )
 
 
+# DoRA's variants of the two GEMMs have their own families (own tuners): "-dora" (a column-scale epilogue, z
+# stored; the forward's and dgrad's scaled g) and "-dora2" (with dropout: two accumulators). Their tilings are their
+# LoRA family's, less those measured to spill (benchmarks.aot, Triton 3.6 and 3.9) -- for "-dora2" also every tile
+# of more than 128 x 128 outputs (two such fp32 accumulators do not fit in registers). Tiles as (rows, cols, step).
+_DORA_SPILLS = {
+    "fwd": {
+        "half_dora2": {(128, 128, 64), (128, 64, 64)},
+        "half_fp32a_dora": {(128, 256, 64)},
+        "half_fp32a_dora2": {(128, 128, 64), (128, 64, 64)},
+        "tf32_dora2": {(128, 128, 32), (128, 64, 32)},
+        "half_nf4_dora2": {(32, 64, 128), (64, 64, 64)},
+        "tf32_nf4_dora2": {(64, 64, 32)},
+        "ieee_nf4_dora": {(64, 64, 16), (16, 64, 32)},
+        "ieee_nf4_dora2": {(16, 64, 32), (32, 64, 16)},
+    },
+    "dgrad": {
+        "half_dora": {(128, 256, 64)},
+        "half_dora2": {(64, 128, 64), (128, 128, 64)},
+        "half_fp32a_dora2": {(64, 128, 64), (128, 128, 64)},
+        "tf32_dora2": {(128, 64, 32)},
+        "ieee_dora2": {(32, 64, 32)},
+        "half_nf4_dora": {(16, 64, 128)},
+        "half_nf4_dora2": {(16, 64, 128), (16, 128, 64), (64, 128, 64), (64, 64, 64)},
+        "tf32_nf4_dora2": {(16, 64, 64), (32, 64, 64), (64, 128, 32)},
+        "ieee_nf4_dora": {(32, 64, 32), (16, 64, 32)},
+        "ieee_nf4_dora2": {(32, 32, 32), (16, 64, 32)},
+    },
+}
+for _role, _tables in (("fwd", _FWD_TILES), ("dgrad", _DGRAD_TILES)):
+    for _family in ("half", "half_fp32a", "tf32", "ieee", "half_nf4", "tf32_nf4", "ieee_nf4"):
+        for _suffix, _max_outputs in (("_dora", None), ("_dora2", 128 * 128)):
+            _spills = _DORA_SPILLS[_role].get(_family + _suffix, set())
+            _tables[_family + _suffix] = [
+                t for t in _tables[_family]
+                if (t.rows, t.cols, t.step) not in _spills and (_max_outputs is None or t.rows * t.cols <= _max_outputs)]
+
+
 def _gemm_families(tables, role):
     """``{family: [triton.Config]}`` for one GEMM (``role``: ``GemmTile.forward`` or ``GemmTile.dgrad``)."""
     return {family.replace("_", "-"): [role(tile) for tile in tiles] for family, tiles in tables.items()}
@@ -531,6 +647,12 @@ _GRAD_OUT_TILES = dict(
         config(num_warps=4, num_stages=2, BLOCK_M=16, BLOCK_N=32),
     ],
 )
+# DoRA's grad_out (scaled g, the z tile for dm): the tilings of its family that do not spill with it ("-dora").
+_GRAD_OUT_TILES.update({
+    "half-dora": [_GRAD_OUT_TILES["half"][i] for i in (0, 2, 3)],
+    "tf32-dora": _GRAD_OUT_TILES["tf32"][1:],
+    "ieee-dora": _GRAD_OUT_TILES["ieee"][3:],
+})
 _GRAD_A_TILES = dict(
     half=_DOWN_TILES["half"],
     tf32=_DOWN_TILES["tf32"],
@@ -685,6 +807,17 @@ def lora_forward(
     ``weight``: a dense ``[N, K]`` tensor or an NF4 operands record (see ``_weight_args``); ``dropout``: None or an
     object with ``key``, ``threshold`` and ``scale``. Returns ``(y, xa)``, ``xa = D(x) @ A^T`` (saved for
     backward)."""
+    y, xa, _ = _forward(x, weight, lora_A, lora_B, bias, scaling, dropout, None)
+    return y, xa
+
+
+def dora_forward(x, weight, lora_A, lora_B, bias, scaling: float, dropout, scale: torch.Tensor):
+    """Forward of the fused DoRA linear on 2-D x (``fused_lora.functional.FusedDoraFunction``): ``scale`` is
+    c = m / n ``[N]`` (fp32; a float64 one is rounded to fp32). Returns ``(y, xa, z)``."""
+    return _forward(x, weight, lora_A, lora_B, bias, scaling, dropout, scale.to(torch.float32).contiguous())
+
+
+def _forward(x, weight, lora_A, lora_B, bias, scaling, dropout, scale):
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     lora_A, lora_B = _adapter_operand(lora_A, x.dtype), _adapter_operand(lora_B, x.dtype)
@@ -693,53 +826,69 @@ def lora_forward(
     family = config_family(x.dtype, prec)
     xa = torch.empty((M, R), dtype=x.dtype, device=x.device)
     drop = _dropout_args(dropout)
+    drop_scale = 1.0 if dropout is None else dropout.scale
     LORA_DOWN(
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, down_r)), family,
         x_ptr=x, a_ptr=lora_A, xa_ptr=xa, M=M, K=K, R=R, M_BUCKET=bucket,
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
         stride_xam=xa.stride(0), stride_xar=xa.stride(1),
-        drop_scale=1.0 if dropout is None else dropout.scale, **drop,
+        drop_scale=drop_scale, **drop,
         INPUT_PRECISION=prec, BLOCK_R=down_r,
     )
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    dora = scale is not None
+    z = torch.empty((M, N), dtype=x.dtype, device=x.device) if dora else None
     w_args = _weight_args(weight, M, x.dtype)
     LINEAR_FWD(
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
-        config_family(x.dtype, prec, w_args["W_NF4"], fp32_adapters),
+        config_family(x.dtype, prec, w_args["W_NF4"], fp32_adapters, dora=_dora_kind(dora, dropout)),
         x_ptr=x, xa_ptr=xa, b_ptr=lora_B, bias_ptr=bias if bias is not None else y, y_ptr=y,
+        scale_ptr=scale if dora else y, z_ptr=z if dora else y,  # placeholders are never dereferenced
         M=M, N=N, K=K, R=R, M_BUCKET=bucket, **w_args,
         stride_xm=x.stride(0), stride_xk=x.stride(1),
         stride_xam=xa.stride(0), stride_xar=xa.stride(1), stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
         stride_bias=bias.stride(0) if bias is not None else 0, stride_ym=y.stride(0), stride_yn=y.stride(1),
-        scaling=scaling, HAS_BIAS=bias is not None, INPUT_PRECISION=prec,
+        stride_zm=z.stride(0) if dora else 0, stride_zn=z.stride(1) if dora else 0,
+        scaling=scaling, drop_key=drop["drop_key"], drop_threshold=drop["drop_threshold"], drop_scale=drop_scale,
+        HAS_BIAS=bias is not None, INPUT_PRECISION=prec, DORA=dora, HAS_DROPOUT=dora and dropout is not None,
         BLOCK_R=_seed_block_r(R, fp32_adapters, w_args["W_NF4"]),
     )
-    return y, xa
+    return y, xa, z
 
 
-def _grad_out(g, lora_B, xa, scaling, store_gb, compute_db, compute_dbias, prec, family, BLOCK_R):
-    """Launch kernel 3; returns (gb or None, dB fp32 or None, dbias fp32 or None)."""
+def _dora_kind(dora: bool, dropout) -> int:
+    """0: LoRA, 1: DoRA without dropout, 2: DoRA with dropout (two accumulators); see ``config_family``."""
+    return 0 if not dora else (1 if dropout is None else 2)
+
+
+def _grad_out(g, lora_B, xa, scaling, store_gb, compute_db, compute_dbias, prec, family, BLOCK_R, scale=None,
+              z=None):
+    """Launch kernel 3; returns (gb or None, dB fp32 or None, dbias fp32 or None, colsum(g * z) fp32 or None).
+    DoRA: ``scale`` (c, fp32 ``[N]``) scales g for gb and dB; ``z`` given: the colsum for dm."""
     M, N = g.shape
     R = lora_B.shape[1]
     dev = g.device
     gb = torch.empty((M, R), dtype=g.dtype, device=dev) if store_gb else None
     partials = torch.are_deterministic_algorithms_enabled()
+    compute_dm = z is not None
     cfg = None
     if partials:
         # A fixed tiling, so the per-row-block buffers can be sized before the launch.
         cfg = GRAD_OUT.fixed_config() or GRAD_OUT.configs[family][0]
         n_slices = triton.cdiv(M, cfg.kwargs["BLOCK_M"])
-        db = torch.empty((n_slices, N, R), dtype=torch.float32, device=dev) if compute_db else None
-        dbias = torch.empty((n_slices, N), dtype=torch.float32, device=dev) if compute_dbias else None
+        new = torch.empty
     else:
-        db = torch.zeros((1, N, R), dtype=torch.float32, device=dev) if compute_db else None
-        dbias = torch.zeros((1, N), dtype=torch.float32, device=dev) if compute_dbias else None
+        n_slices, new = 1, torch.zeros
+    db = new((n_slices, N, R), dtype=torch.float32, device=dev) if compute_db else None
+    dbias = new((n_slices, N), dtype=torch.float32, device=dev) if compute_dbias else None
+    dm = new((n_slices, N), dtype=torch.float32, device=dev) if compute_dm else None
     dummy = xa  # pointer arguments of disabled outputs are never dereferenced
-    db_arg = db if db is not None else dummy
-    dbias_arg = dbias if dbias is not None else dummy
     GRAD_OUT(
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BLOCK_R)), family, cfg,
-        g_ptr=g, b_ptr=lora_B, xa_ptr=xa, gb_ptr=gb if gb is not None else dummy, db_ptr=db_arg, dbias_ptr=dbias_arg,
+        g_ptr=g, b_ptr=lora_B, xa_ptr=xa, gb_ptr=gb if gb is not None else dummy,
+        db_ptr=db if db is not None else dummy, dbias_ptr=dbias if dbias is not None else dummy,
+        scale_ptr=scale if scale is not None else dummy, z_ptr=z if compute_dm else dummy,
+        dm_ptr=dm if compute_dm else dummy,
         M=M, N=N, R=R, M_BUCKET=m_bucket(M),
         stride_gm=g.stride(0), stride_gn=g.stride(1), stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
         stride_xam=xa.stride(0), stride_xar=xa.stride(1),
@@ -747,12 +896,12 @@ def _grad_out(g, lora_B, xa, scaling, store_gb, compute_db, compute_dbias, prec,
         stride_dbp=db.stride(0) if partials and db is not None else 0,
         stride_dbn=db.stride(1) if db is not None else 0, stride_dbr=db.stride(2) if db is not None else 0,
         stride_dbiasp=dbias.stride(0) if partials and dbias is not None else 0,
+        stride_zm=z.stride(0) if compute_dm else 0, stride_zn=z.stride(1) if compute_dm else 0,
+        stride_dmp=dm.stride(0) if partials and compute_dm else 0,
         scaling=scaling, STORE_GB=store_gb, COMPUTE_DB=compute_db, COMPUTE_DBIAS=compute_dbias, PARTIALS=partials,
-        INPUT_PRECISION=prec, BLOCK_R=BLOCK_R,
+        INPUT_PRECISION=prec, DORA=scale is not None, COMPUTE_DM=compute_dm, BLOCK_R=BLOCK_R,
     )
-    db = db.sum(0) if db is not None else None
-    dbias = dbias.sum(0) if dbias is not None else None
-    return gb, db, dbias
+    return (gb, *(None if t is None else t.sum(0) for t in (db, dbias, dm)))
 
 
 def lora_backward(
@@ -772,7 +921,33 @@ def lora_backward(
     bias). ``weight`` and ``dropout`` as in :func:`lora_forward`; ``xa`` is the forward's. ``dweight`` (a plain
     GEMM) exists for a dense weight only."""
     need_dx, need_dw, need_da, need_db, need_dbias = needs
-    g = grad_out
+    dx, da, db, dbias, _ = _backward(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout,
+                                     (need_dx, need_da, need_db, need_dbias, False), None, None)
+    dw = None
+    if need_dw:
+        # Only when the user unfroze a dense W: the weight gradient is a plain GEMM with nothing to fuse.
+        if not isinstance(weight, torch.Tensor):
+            raise ValueError("lora_backward: no weight gradient for an NF4 weight (needs[1] must be False)")
+        dw = torch.mm(grad_out.t(), x).to(weight.dtype)
+    return dx, dw, da, db, dbias
+
+
+def dora_backward(grad_out, x, weight, lora_A, lora_B, xa, z, scale, norm, scaling: float, dropout, needs):
+    """Gradients ``(dx, dlora_A, dlora_B, dmagnitude, dbias)`` of the fused DoRA linear for the inputs flagged in
+    ``needs`` (same order): ``z``, ``scale`` (c) and ``norm`` (n) are the forward's; dmagnitude comes back in fp32
+    (float64 for a float64 n), ``colsum(g * z) / n``."""
+    need_dx, need_da, need_db, need_dm, need_dbias = needs
+    dx, da, db, dbias, dm = _backward(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout,
+                                      (need_dx, need_da, need_db, need_dbias, need_dm),
+                                      scale.to(torch.float32).contiguous(), z)
+    if dm is not None:
+        dm = dm.to(norm.dtype).div_(norm)
+    return dx, da, db, dm, dbias
+
+
+def _backward(g, x, weight, lora_A, lora_B, xa, scaling, dropout, needs, scale, z):
+    """``(dx, dA, dB, dbias, colsum(g * z))`` for ``needs`` = (x, A, B, bias, the colsum); DoRA when ``scale``."""
+    need_dx, need_da, need_db, need_dbias, need_dm = needs
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     dtype_a, dtype_b = lora_A.dtype, lora_B.dtype  # of the gradients
@@ -781,12 +956,15 @@ def lora_backward(
     BLOCK_R = block_r(R)
     family = config_family(x.dtype, prec)
     drop = _dropout_args(dropout)
-    lora_scale = scaling * (1.0 if dropout is None else dropout.scale)
-    dx = dw = da = db = dbias = None
+    drop_scale = 1.0 if dropout is None else dropout.scale
+    lora_scale = scaling * drop_scale
+    dora = scale is not None
+    dx = da = db = dbias = dm = None
 
     need_gb = need_dx or need_da
-    if need_gb or need_db or need_dbias:
-        gb, db, dbias = _grad_out(g, lora_B, xa, scaling, need_gb, need_db, need_dbias, prec, family, BLOCK_R)
+    if need_gb or need_db or need_dbias or need_dm:
+        gb, db, dbias, dm = _grad_out(g, lora_B, xa, scaling, need_gb, need_db, need_dbias, prec,
+                                      family + "-dora" if dora else family, BLOCK_R, scale, z if need_dm else None)
         db = db.to(dtype_b) if db is not None else None  # fp32 accumulators: rounded once, if at all
         dbias = dbias.to(g.dtype) if dbias is not None else None
 
@@ -795,12 +973,13 @@ def lora_backward(
         w_args = _weight_args(weight, M, x.dtype)
         DGRAD(
             lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),),
-            config_family(x.dtype, prec, w_args["W_NF4"], fp32_adapters),
-            g_ptr=g, gb_ptr=gb, a_ptr=lora_A, dx_ptr=dx, M=M, N=N, K=K, R=R, M_BUCKET=bucket,
+            config_family(x.dtype, prec, w_args["W_NF4"], fp32_adapters, dora=_dora_kind(dora, dropout)),
+            g_ptr=g, gb_ptr=gb, a_ptr=lora_A, dx_ptr=dx, scale_ptr=scale if dora else dx,
+            M=M, N=N, K=K, R=R, M_BUCKET=bucket,
             **w_args, stride_gm=g.stride(0), stride_gn=g.stride(1),
             stride_gbm=gb.stride(0), stride_gbr=gb.stride(1), stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
             stride_dxm=dx.stride(0), stride_dxk=dx.stride(1),
-            lora_scale=lora_scale, **drop, INPUT_PRECISION=prec,
+            lora_scale=lora_scale, scaling=scaling, drop_scale=drop_scale, **drop, INPUT_PRECISION=prec, DORA=dora,
             BLOCK_R=_seed_block_r(R, fp32_adapters, w_args["W_NF4"]),
         )
 
@@ -815,10 +994,4 @@ def lora_backward(
             lora_scale=lora_scale, **drop, INPUT_PRECISION=prec, BLOCK_R=BLOCK_R,
         )
         da = partial.sum(0).to(dtype_a)
-
-    if need_dw:
-        # Only when the user unfroze a dense W: the weight gradient is a plain GEMM with nothing to fuse.
-        if not isinstance(weight, torch.Tensor):
-            raise ValueError("lora_backward: no weight gradient for an NF4 weight (needs[1] must be False)")
-        dw = torch.mm(g.t(), x).to(weight.dtype)
-    return dx, dw, da, db, dbias
+    return dx, da, db, dbias, dm

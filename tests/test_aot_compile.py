@@ -73,7 +73,7 @@ def test_fp32_adapters_are_compiled(results):
 
     rows, _ = results
     compiled = {(r["kernel"], r["variant"], r["config"], r["target"]) for r in rows}
-    captures = [c for c in aot.capture_launches() if "fp32-adapters" in c.variant]
+    captures = [c for c in aot.capture_launches() if "fp32-adapters" in c.variant and "dora" not in c.variant]
     assert {(c.launcher, c.variant) for c in captures} == {
         *((k, "fp32-adapters") for k in ("_lora_down_kernel", "_lora_linear_fwd_kernel", "_lora_grad_out_kernel",
                                          "_lora_dgrad_kernel")),
@@ -108,3 +108,43 @@ def test_tested_triton_range_is_declared_consistently():
     script = (root / "scripts" / "setup-env.sh").read_text()
     assert f"\nTRITON_OLDEST={oldest}\n" in script and f"\nTRITON_NEWEST={newest}\n" in script
 
+
+
+def test_dora_variants_are_compiled(results):
+    """Every DoRA launch (dense and in-loop NF4 bases, with and without dropout, bf16 with bf16 and fp32 adapters,
+    fp32) really carries its DoRA flags -- the column scale and z in the forward, the scaled g and dm in grad_out,
+    the scaled g or the second accumulator in the dgrad -- and is compiled in every tiling of the family its wrapper
+    chose (the two-accumulator "-dora2" tilings with dropout) for both targets."""
+    rows, _ = results
+    compiled = {(r["kernel"], r["variant"], r["config"], r["target"]) for r in rows}
+    captures = [c for c in aot.capture_launches() if "dora" in c.variant]
+    variants = {(c.launcher, c.variant, c.dtype) for c in captures}
+    for dtype in ("bfloat16", "float32"):
+        for variant in ("dora", "dora-p0", "nf4-dora", "nf4-dora-p0"):
+            for kernel in ("_lora_linear_fwd_kernel", "_lora_dgrad_kernel"):
+                assert (kernel, variant, dtype) in variants
+        assert ("_lora_grad_out_kernel", "dora", dtype) in variants
+        assert ("_lora_grad_out_kernel", "deterministic-dora", dtype) in variants
+    for variant in ("fp32-adapters-dora", "fp32-adapters-dora-p0", "nf4-fp32-adapters-dora",
+                    "nf4-fp32-adapters-dora-p0"):
+        for kernel in ("_lora_linear_fwd_kernel", "_lora_dgrad_kernel"):
+            assert (kernel, variant, "bfloat16") in variants
+    for capture in captures:
+        args = capture.args
+        assert args["DORA"] is True, (capture.launcher, capture.variant)
+        dropout = not capture.variant.endswith("-p0")
+        if capture.launcher == "_lora_grad_out_kernel":
+            assert args["COMPUTE_DM"] is True
+            assert args["PARTIALS"] is capture.variant.startswith("deterministic")
+        else:
+            assert args["HAS_DROPOUT"] is dropout
+            assert capture.family.endswith("-dora2") is dropout, (capture.variant, capture.family)
+        launcher = next(launcher for launcher in aot.all_launchers() if launcher.name == capture.launcher)
+        families = (capture.family,) if capture.dtype != "float32" else (
+            capture.family.replace("ieee", "tf32", 1), capture.family)
+        for family in families:
+            for cfg in launcher.configs[family]:
+                name = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+                for target in aot.TARGETS:
+                    key = (capture.launcher, f"{capture.dtype}/{capture.variant}/{family}", name, target)
+                    assert key in compiled, f"not compiled: {key}"

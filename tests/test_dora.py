@@ -10,7 +10,7 @@ from fused_lora import fused_lora_linear
 from fused_lora.dora import dora_row_norm_sq, weight_row_norm_sq
 from fused_lora.dropout import Dropout
 
-from helpers import assert_close_fp32, assert_three_way
+from helpers import HALF_EPS, assert_close_fp32, assert_three_way
 
 M, K, N, R = 24, 40, 32, 4
 SCALING = 1.5
@@ -212,3 +212,83 @@ def test_frozen_weight_required():
     with pytest.raises(ValueError, match="frozen"):
         fused_lora_linear(inp["x"], inp["weight"].requires_grad_(True), inp["lora_A"], inp["lora_B"], SCALING,
                           magnitude=inp["magnitude"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Triton kernels (interpreter on CPU, compiled on CUDA) against the torch path and the float64 reference, with
+# the same dropout mask: each DoRA variant of the forward / dgrad GEMMs (column-scale epilogue; with dropout, two
+# accumulators) and of grad_out (scaled g, dm column sums), dense and NF4 bases (in the GEMMs' main loop and
+# through the dequantized buffer), fp32 adapters over bf16, torch's deterministic mode.
+# ----------------------------------------------------------------------------------------------------------------
+
+from conftest import DEVICE_BACKENDS  # noqa: E402
+
+TRITON_DEVICES = [device for device, backend in DEVICE_BACKENDS if backend == "triton"]
+
+# (x dtype, adapter dtype, p, base, deterministic); M = 40 rows: one or three row tiles of the interpreter's 16
+KERNEL_CASES = [
+    (torch.float32, torch.float32, 0.0, "dense", False),
+    (torch.float32, torch.float32, 0.3, "dense", False),
+    (torch.float32, torch.float32, 0.3, "nf4-in-loop", True),
+    (torch.float32, torch.float32, 0.0, "nf4-dequantized", False),
+    (torch.bfloat16, torch.bfloat16, 0.0, "dense", True),
+    (torch.bfloat16, torch.float32, 0.3, "dense", False),
+    (torch.bfloat16, torch.float32, 0.0, "nf4-in-loop", False),
+]
+
+
+def _kernel_case_inputs(dtype, adapter_dtype, device, base, m=40, k=72, n=48, r=5):
+    inp, grad = _inputs(torch.float32, seed=7, m=m, k=k, n=n, r=r)
+    weight = inp.pop("weight")
+    if base != "dense":
+        from fused_lora.nf4 import quantize_nf4
+
+        weight = quantize_nf4(weight, blocksize=64).to(device)
+        dense = weight.dequantize(dtype).float()
+    else:
+        weight = weight.to(dtype=dtype, device=device)
+        dense = weight.float()
+    cast = {"x": dtype, "bias": dtype, "lora_A": adapter_dtype, "lora_B": adapter_dtype, "magnitude": adapter_dtype}
+    return {k: v.to(dtype=cast[k], device=device) for k, v in inp.items()}, weight, dense, grad.to(dtype=dtype,
+                                                                                                     device=device)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype,adapter_dtype,p,base,deterministic", KERNEL_CASES)
+def test_triton_matches_torch_path_and_reference(device, dtype, adapter_dtype, p, base, deterministic, monkeypatch):
+    import fused_lora.kernels.lora as klora
+    from fused_lora import use_backend
+
+    m = 40
+    if base == "nf4-dequantized":
+        monkeypatch.setattr(klora, "NF4_FUSED_MAX_TOKENS", 0)  # the dequantize kernel, then the dense GEMMs
+    inp, weight, dense, grad = _kernel_case_inputs(dtype, adapter_dtype, device, base, m=m)
+    seed = 21
+
+    def fused(backend):
+        def fn(x, lora_A, lora_B, magnitude, bias):
+            with use_backend(backend):
+                return fused_lora_linear(x, weight, lora_A, lora_B, SCALING, bias=bias, dropout_p=p, seed=seed,
+                                         magnitude=magnitude)
+        return fn
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        ours = _run(fused("triton"), inp, grad)
+        torch_path = _run(fused("torch"), inp, grad)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    keep = Dropout(p, seed).keep_mask(m, dense.shape[1], "cpu") if p > 0 else None
+    ref_inputs = {k: v.cpu().double() for k, v in inp.items()}
+    ref = _run(_reference_fn(keep, p), {**ref_inputs, "weight": dense.double()}, grad.cpu().double())
+    for name in ("y",) + NAMES:
+        want_dtype = {"lora_A": adapter_dtype, "lora_B": adapter_dtype, "magnitude": adapter_dtype}.get(name, dtype)
+        assert ours[name].dtype == want_dtype, name
+        if dtype == torch.float32:
+            assert_close_fp32(ours[name], ref[name], name)
+            assert_close_fp32(ours[name], torch_path[name], name)
+        else:
+            # the torch path in the same dtypes is the baseline of the three-way rule; the atol is x's eps also for
+            # the fp32 gradients of fp32 adapters, whose error comes from the bf16 activations and xa / gb
+            assert_three_way(ours[name], torch_path[name], ref[name], name, eps=HALF_EPS[dtype])

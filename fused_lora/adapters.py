@@ -4,12 +4,15 @@ A directory holds ``adapter_config.json`` (a ``LoraConfig`` as JSON) and ``adapt
 ``{"format": "pt"}``). Tensor keys are PEFT's, without an adapter name:
 
 * ``base_model.model.<module path>.lora_A.weight`` ``[r, in]`` and ``...lora_B.weight`` ``[out, r]``;
+* DoRA (``use_dora: true`` in the config): also ``base_model.model.<module path>.lora_magnitude_vector`` ``[out]``
+  (PEFT's key: its parameter ``lora_magnitude_vector.<adapter>.weight`` saved without ``.weight``);
 * for each ``modules_to_save`` module, its whole ``state_dict`` as ``base_model.model.<module path>.<key>``
   (PEFT saves its trained copy under the original module's name).
 
 Files written here load with ``peft.PeftModel.from_pretrained(base, path)``; files written by PEFT's
-``save_pretrained`` (vanilla LoRA on ``nn.Linear`` layers) load here. Nothing is skipped silently: a tensor without a
-layer, a layer without its tensors, a wrong shape, or a config field fused-lora cannot honour is an error.
+``save_pretrained`` (LoRA or DoRA on ``nn.Linear`` / bitsandbytes 4-bit layers) load here. Nothing is skipped
+silently: a tensor without a layer, a layer without its tensors, a wrong shape, or a config field fused-lora cannot
+honour is an error.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's key suffix (no ".weight") and the layer's Parameter name
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -45,7 +49,6 @@ _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 # Config fields that must hold exactly these values (anything else changes what the adapter computes).
 _REQUIRED_VALUES = {
-    "use_dora": (False, None),
     "fan_in_fan_out": (False, None),
     "bias": ("none", None),
     "lora_bias": (False, None),
@@ -66,7 +69,7 @@ _IGNORED = (
 )
 _USED = (
     "peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout", "target_modules",
-    "exclude_modules", "use_rslora", "modules_to_save", "rank_pattern", "alpha_pattern",
+    "exclude_modules", "use_rslora", "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora",
 )
 
 
@@ -142,21 +145,23 @@ def save_adapter(
     """Write ``model``'s LoRA adapter to the directory ``path`` (created if needed) in PEFT's format.
 
     ``adapter_model.safetensors``: each layer's A and B (as stored: same dtype, contiguous), keys
-    ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight``, plus the full state of every
-    ``modules_to_save`` module; metadata ``{"format": "pt"}``. PEFT's ``save_pretrained`` writes the same keys in
-    the same dtypes for the same weights: it too saves each tensor in its own dtype (fp32 adapters over a bf16 model,
-    PEFT's and fused-lora's default, as fp32).
+    ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight``, for DoRA layers the magnitude
+    ``base_model.model.<module path>.lora_magnitude_vector``, plus the full state of every ``modules_to_save``
+    module; metadata ``{"format": "pt"}``. PEFT's ``save_pretrained`` writes the same keys in the same dtypes for the
+    same weights: it too saves each tensor in its own dtype (fp32 adapters and magnitudes over a bf16 model, PEFT's
+    and fused-lora's default, as fp32).
 
     ``adapter_config.json``: a complete ``LoraConfig``: ``r`` / ``lora_alpha`` are the most common values over the
     layers and ``rank_pattern`` / ``alpha_pattern`` list (by module name) the layers that differ; ``target_modules`` is
     the shortest list of name suffixes that selects exactly the adapted layers in this model (PEFT's list rule),
-    ``use_dora``, ``fan_in_fan_out``, ``lora_bias`` false, ``bias`` "none", ``init_lora_weights`` true.
+    ``use_dora`` the layers' (true for DoRA layers), ``fan_in_fan_out``, ``lora_bias`` false, ``bias`` "none",
+    ``init_lora_weights`` true.
     ``base_model_name_or_path`` / ``task_type`` default to what ``load_adapter`` recorded (else the
     model's ``name_or_path`` / None).
 
-    Raises ``ValueError`` when the layers cannot be described by one ``LoraConfig``: different ``lora_dropout`` or
-    ``use_rslora`` across layers, or a layer whose ``scaling`` was set to a value other than the one ``r``,
-    ``lora_alpha`` and ``use_rslora`` give (``layer.custom_scaling``).
+    Raises ``ValueError`` when the layers cannot be described by one ``LoraConfig``: different ``lora_dropout``,
+    ``use_rslora`` or ``use_dora`` across layers, or a layer whose ``scaling`` was set to a value other than the one
+    ``r``, ``lora_alpha`` and ``use_rslora`` give (``layer.custom_scaling``).
     Models wrapped by DDP / DataParallel / ``torch.compile`` are unwrapped; module paths are the unwrapped model's.
     """
     model = unwrap_model(model)
@@ -182,8 +187,8 @@ def save_adapter(
     tensors: Dict[str, torch.Tensor] = {}
     seen: Dict[int, str] = {}
     for name, layer in layers:
-        for part in ("lora_A", "lora_B"):
-            key = f"{PREFIX}{name}.{part}.weight"
+        for part in _parts(layer.use_dora):
+            key = _file_key(name, part)
             tensors[key] = _tensor_for_file(getattr(layer, part), seen, key)
     for name in meta.modules_to_save_names:
         for k, v in model.get_submodule(name).state_dict().items():
@@ -206,7 +211,7 @@ def save_adapter(
         "target_modules": target_modules,
         "exclude_modules": None,
         "use_rslora": hyperparams.use_rslora,
-        "use_dora": False,
+        "use_dora": hyperparams.use_dora,
         "bias": "none",
         "lora_bias": False,
         "fan_in_fan_out": False,
@@ -286,6 +291,7 @@ def _validate_config(config: dict, where: str) -> Hyperparams:
     hyperparams = Hyperparams.checked(
         config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), config.get("use_rslora", False),
         config.get("rank_pattern"), config.get("alpha_pattern"), where=f"{where}: ", check_patterns=True,
+        use_dora=False if config.get("use_dora") is None else config["use_dora"],  # a JSON boolean, or refused
     )
     mts = config.get("modules_to_save")
     check_regexes(config.get("target_modules"), config.get("exclude_modules"),
@@ -309,11 +315,22 @@ def read_adapter_weights(path: PathLike) -> Dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no {SAFETENSORS_NAME} (or {BIN_NAME}) in adapter directory {os.fspath(path)!r}")
 
 
+def _parts(use_dora: bool) -> Tuple[str, ...]:
+    """The adapter tensors of a layer, by Parameter name."""
+    return ("lora_A", "lora_B", MAGNITUDE) if use_dora else ("lora_A", "lora_B")
+
+
+def _file_key(name: str, part: str) -> str:
+    """PEFT's file key of a layer's adapter tensor (``part``: a Parameter name of :func:`_parts`)."""
+    return f"{PREFIX}{name}.{MAGNITUDE}" if part == MAGNITUDE else f"{PREFIX}{name}.{part}.weight"
+
+
 def _check_lora_tensor(key: str, t: torch.Tensor, where: str) -> None:
-    """A LoRA A / B from a file must hold finite floating-point values (copying would silently truncate integers or
-    spread NaN / inf into every output)."""
+    """A LoRA A / B (or DoRA magnitude) from a file must hold finite floating-point values (copying would silently
+    truncate integers or spread NaN / inf into every output)."""
     if not t.is_floating_point():
-        raise TypeError(f"{where}: {key} has dtype {t.dtype}; LoRA A / B weights must be floating point")
+        raise TypeError(f"{where}: {key} has dtype {t.dtype}; LoRA A / B weights and DoRA magnitudes must be "
+                        "floating point")
     bad = ~torch.isfinite(t)
     if bad.any():
         first = bad.nonzero()[0].tolist()
@@ -321,8 +338,9 @@ def _check_lora_tensor(key: str, t: torch.Tensor, where: str) -> None:
                          f"{first}: {t[tuple(first)].item()}")
 
 
-def _split_keys(tensors: Mapping[str, torch.Tensor], mts_names: List[str], where: str):
-    """``{module: {"lora_A": t, "lora_B": t}}`` and ``{modules_to_save module: {key: t}}``; anything else is an error."""
+def _split_keys(tensors: Mapping[str, torch.Tensor], mts_names: List[str], where: str, use_dora: bool):
+    """``{module: {"lora_A": t, "lora_B": t[, "lora_magnitude_vector": t]}}`` and ``{modules_to_save module: {key:
+    t}}``; anything else is an error (a magnitude too, when the config is not DoRA's)."""
     lora: Dict[str, Dict[str, torch.Tensor]] = {}
     saved: Dict[str, Dict[str, torch.Tensor]] = {n: {} for n in mts_names}
     for key, t in tensors.items():
@@ -333,21 +351,31 @@ def _split_keys(tensors: Mapping[str, torch.Tensor], mts_names: List[str], where
         if owner is not None:
             saved[owner][rest[len(owner) + 1:]] = t
             continue
-        for part, suffix in (("lora_A", LORA_SUFFIXES[0]), ("lora_B", LORA_SUFFIXES[1])):
+        suffixes = (("lora_A", LORA_SUFFIXES[0]), ("lora_B", LORA_SUFFIXES[1]))
+        if use_dora:
+            suffixes += ((MAGNITUDE, "." + MAGNITUDE),)
+        for part, suffix in suffixes:
             if rest.endswith(suffix):
                 _check_lora_tensor(key, t, where)
                 lora.setdefault(rest[: -len(suffix)], {})[part] = t
                 break
         else:
             hint = ""
-            if "lora_magnitude_vector" in rest:
-                hint = " (a DoRA magnitude vector)"
+            if MAGNITUDE in rest and use_dora:
+                hint = f" (a DoRA magnitude vector? PEFT writes it as <module path>.{MAGNITUDE})"
+            elif MAGNITUDE in rest:
+                hint = " (a DoRA magnitude vector, but the adapter config has use_dora=false)"
             elif "lora_embedding" in rest:
                 hint = " (an Embedding LoRA layer)"
             elif rest.endswith(".lora_B.bias"):
                 hint = " (lora_bias)"
             raise ValueError(f"{where}: unexpected key {key!r}{hint}: not a LoRA A/B of a Linear layer")
     return lora, saved
+
+
+def _shapes(r: int, in_features: int, out_features: int) -> Dict[str, Tuple[int, ...]]:
+    """The shape of each adapter tensor of a layer (by Parameter name)."""
+    return {"lora_A": (r, in_features), "lora_B": (out_features, r), MAGNITUDE: (out_features,)}
 
 
 def _rounds(source: torch.dtype, target: torch.dtype) -> bool:
@@ -364,26 +392,32 @@ def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True,
 
     * If ``model`` has no fused-lora layers yet, they are created first with :func:`~fused_lora.apply_lora` from
       the config (``target_modules``, ``exclude_modules``, ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``,
-      ``rank_pattern``, ``alpha_pattern``, ``modules_to_save``) -- the modules PEFT would adapt -- with adapters in
+      ``use_dora``, ``rank_pattern``, ``alpha_pattern``, ``modules_to_save``) -- the modules PEFT would adapt,
+      DoRA layers for a DoRA adapter (PEFT's ``use_dora``, also over bitsandbytes 4-bit bases) -- with adapters in
       ``adapter_dtype`` (apply_lora's argument: by default PEFT's rule, as ``PeftModel.from_pretrained`` with its
       default ``autocast_adapter_dtype=True``: fp32 over fp16 / bf16 layers).
     * If it has some, they must be exactly the modules the file holds tensors for, with the config's ``r``,
-      ``lora_alpha`` and ``use_rslora`` (their ``lora_dropout`` and adapter dtype are kept: neither changes what
-      the file means); ``modules_to_save`` are resolved on the model.
+      ``lora_alpha``, ``use_rslora`` and ``use_dora`` (their ``lora_dropout`` and adapter dtype are kept: neither
+      changes what the file means); ``modules_to_save`` are resolved on the model. A DoRA adapter is refused by
+      LoRA layers and a LoRA adapter by DoRA layers, like a different ``r``: the file would compute another
+      function there, and turning a layer into the other kind would change its set of trainable Parameters under
+      an optimizer that was built for the old one. Load into the base model (layers created as above) or build the
+      layers with ``apply_lora(..., use_dora=...)`` as the file says.
 
-    Every LoRA layer receives the file's A and B, copied into its parameters' dtype: exactly when that dtype holds
-    the file's values (e.g. bf16 or fp16 into fp32), rounded with a warning otherwise; a merged layer is unmerged
-    first and merged again with the new adapter.
-    ``modules_to_save`` modules receive their full saved state. Afterwards A, B and the ``modules_to_save`` parameters
-    have ``requires_grad=is_trainable``; everything else is frozen.
+    Every LoRA layer receives the file's A and B (DoRA: and magnitude), copied into its parameters' dtype: exactly
+    when that dtype holds the file's values (e.g. bf16 or fp16 into fp32), rounded with a warning otherwise; a merged
+    layer is unmerged first and merged again with the new adapter.
+    ``modules_to_save`` modules receive their full saved state. Afterwards A, B (DoRA magnitudes) and the
+    ``modules_to_save`` parameters have ``requires_grad=is_trainable``; everything else is frozen.
 
     Errors (before the model is modified) name the key or field: a layer without its tensors (missing key), a tensor
     for no layer (unexpected key), a shape that does not match, a config fused-lora cannot honour (``peft_type`` other
-    than LORA, ``use_dora``, ``fan_in_fan_out``, ``lora_bias``, ``bias`` other than "none", ``layer_replication``,
-    ``layers_to_transform``, non-plain ``init_lora_weights``, unknown fields with non-default values, ...), an
-    ``r`` / ``rank_pattern`` value that is not a positive JSON integer, an ``lora_alpha`` / ``alpha_pattern`` value
-    that is not a finite number, an invalid regular expression; a LoRA A / B tensor of an integer dtype
-    (``TypeError``) or holding NaN / inf (``ValueError``).
+    than LORA, ``use_dora`` that is not a boolean, ``fan_in_fan_out``, ``lora_bias``, ``bias`` other than "none",
+    ``layer_replication``, ``layers_to_transform``, non-plain ``init_lora_weights``, unknown fields with non-default
+    values, ...), an ``r`` / ``rank_pattern`` value that is not a positive JSON integer, an ``lora_alpha`` /
+    ``alpha_pattern`` value that is not a finite number, an invalid regular expression; a LoRA A / B (or magnitude)
+    tensor of an integer dtype (``TypeError``) or holding NaN / inf (``ValueError``); a DoRA adapter for LoRA layers
+    or the reverse.
     """
     model = unwrap_model(model)
     config, hyperparams = read_adapter_config(path)
@@ -391,15 +425,23 @@ def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True,
     where = os.fspath(path)
     mts = list(config.get("modules_to_save") or [])
 
+    use_dora = hyperparams.use_dora
     existing = dict(lora_layers(model))
     plan = None
     if existing:
         mts_names = resolve_modules_to_save(model, mts) if mts else []
         if mts_names:
             check_modules_to_save_not_shared(model, mts_names)
-        shapes = {n: (tuple(l.lora_A.shape), tuple(l.lora_B.shape)) for n, l in existing.items()}
+        shapes = {n: _shapes(l.r, l.in_features, l.out_features) for n, l in existing.items()}
         for name, layer in existing.items():
             want = hyperparams.for_module(name)
+            if layer.use_dora != want.use_dora:
+                kinds = {True: "a DoRA layer (use_dora=True)", False: "a LoRA layer (use_dora=False)"}
+                raise ValueError(
+                    f"{where}: layer {name!r} is {kinds[layer.use_dora]} but the adapter config has "
+                    f"use_dora={want.use_dora}; load the adapter into the base model (load_adapter creates the "
+                    f"layers it describes) or build them with apply_lora(..., use_dora={want.use_dora})"
+                )
             if not LayerHyperparams.of(layer).same_adapter_math(want) or layer.custom_scaling is not None:
                 raise ValueError(
                     f"{where}: layer {name!r} has r={layer.r}, lora_alpha={layer.lora_alpha}, "
@@ -411,31 +453,32 @@ def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True,
             model, config["target_modules"], r=hyperparams.r, lora_alpha=hyperparams.lora_alpha,
             lora_dropout=hyperparams.lora_dropout, use_rslora=hyperparams.use_rslora, modules_to_save=mts or None,
             exclude_modules=config.get("exclude_modules"), rank_pattern=hyperparams.rank_pattern,
-            alpha_pattern=hyperparams.alpha_pattern, adapter_dtype=adapter_dtype,
+            alpha_pattern=hyperparams.alpha_pattern, adapter_dtype=adapter_dtype, use_dora=use_dora,
         )
         mts_names = plan.modules_to_save_names
-        shapes = {}
-        for t in plan.targets:
-            r = t.hyperparams.r
-            shapes[t.name] = ((r, t.module.in_features), (t.module.out_features, r))
+        shapes = {t.name: _shapes(t.hyperparams.r, t.module.in_features, t.module.out_features)
+                  for t in plan.targets}
 
-    lora, saved = _split_keys(tensors, mts_names, where)
-    missing = [f"{PREFIX}{n}.{part}.weight" for n in shapes for part in ("lora_A", "lora_B")
-               if part not in lora.get(n, {})]
+    parts = _parts(use_dora)
+    lora, saved = _split_keys(tensors, mts_names, where, use_dora)
+    missing = [_file_key(n, part) for n in shapes for part in parts if part not in lora.get(n, {})]
     if missing:
-        raise ValueError(f"{where}: missing tensors for adapted layers: {missing[:6]}"
+        why = ""
+        if use_dora and any(k.endswith(MAGNITUDE) for k in missing):
+            why = " (the config has use_dora=True: each DoRA layer needs its magnitude vector)"
+        raise ValueError(f"{where}: missing tensors for adapted layers{why}: {missing[:6]}"
                          + (f" (+{len(missing) - 6} more)" if len(missing) > 6 else ""))
-    unexpected = [f"{PREFIX}{n}.{part}.weight" for n in lora if n not in shapes for part in lora[n]]
+    unexpected = [_file_key(n, part) for n in lora if n not in shapes for part in lora[n]]
     if unexpected:
         raise ValueError(
             f"{where}: unexpected tensors (no such LoRA layer in the model, given target_modules="
             f"{config['target_modules']!r}): {unexpected[:6]}" + (" ..." if len(unexpected) > 6 else "")
         )
-    for name, (shape_a, shape_b) in shapes.items():
-        for part, shape in (("lora_A", shape_a), ("lora_B", shape_b)):
-            got = tuple(lora[name][part].shape)
+    for name, layer_shapes in shapes.items():
+        for part in parts:
+            got, shape = tuple(lora[name][part].shape), layer_shapes[part]
             if got != shape:
-                raise ValueError(f"{where}: {PREFIX}{name}.{part}.weight has shape {list(got)}, the layer expects "
+                raise ValueError(f"{where}: {_file_key(name, part)} has shape {list(got)}, the layer expects "
                                  f"{list(shape)}")
     for name, state in saved.items():
         module_state = model.get_submodule(name).state_dict()
@@ -460,9 +503,10 @@ def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True,
     rounded = set()  # (file dtype, parameter dtype) pairs that cannot hold every value of the file
     with torch.no_grad():
         for name, layer in lora_layers(model):
-            rounded.update((lora[name][part].dtype, getattr(layer, part).dtype) for part in ("lora_A", "lora_B")
+            rounded.update((lora[name][part].dtype, getattr(layer, part).dtype) for part in parts
                            if _rounds(lora[name][part].dtype, getattr(layer, part).dtype))
-            layer.set_adapter_weights(lora[name]["lora_A"], lora[name]["lora_B"])  # unmerges / re-merges
+            # unmerges / re-merges
+            layer.set_adapter_weights(lora[name]["lora_A"], lora[name]["lora_B"], lora[name].get(MAGNITUDE))
         for name, state in saved.items():
             module = model.get_submodule(name)
             rounded.update((t.dtype, module_state_t.dtype) for k, t in state.items()

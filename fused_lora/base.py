@@ -8,8 +8,8 @@ weight and everything that depends on its format:
 * ``dequantize(dtype)``: a dense tensor (the weight itself when it is already dense in that dtype);
 * ``compute_dtype``: the dtype the layer's math runs in over this base (a dense weight's own dtype; a quantized
   weight's is chosen, and the layer casts its input to it);
-* ``merge(delta)`` / ``unmerge(delta)``: fold an update ``delta`` (fp32 or float64 ``[out, in]``) into the weight
-  and take it out again;
+* ``merge(delta)`` / ``unmerge(delta)``: fold an additive update ``delta`` (fp32 or float64 ``[out, in]``: LoRA's
+  ``s B A``, or DoRA's ``W' - W``) into the weight and take it out again;
 * its device and dtype rules (``module.to(dtype)`` casts a dense weight, never NF4 codes or statistics, and sets the
   compute dtype of both) and its state-dict entries;
 * for the custom-operator boundary, a pair of class methods: ``flatten(value)`` into a list of tensors plus a list of
@@ -87,11 +87,14 @@ class BaseWeight(nn.Module):
     @torch.no_grad()
     def dense_with(self, delta: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """``W + delta`` (or W alone when ``delta`` is None) as a new dense tensor in ``dtype``: added in at least
-        fp32 (float64 for a float64 weight) and rounded once. The one definition of a merged weight."""
-        compute = torch.promote_types(self.dtype, torch.float32)
-        w = self.dequantize(compute)
+        fp32 (float64 for a float64 weight), or in the delta's dtype where that is wider (a DoRA delta ``W' - W``
+        in float64 over an fp32 W: ``W + delta`` is then ``W'`` before the one rounding), and rounded once. The one
+        definition of a merged weight."""
+        stored = torch.promote_types(self.dtype, torch.float32)
+        w = self.dequantize(stored)
         if delta is not None:
-            w = w + delta.to(compute)
+            compute = torch.promote_types(stored, delta.dtype)
+            w = w.to(compute) + delta.to(compute)
         return w.to(dtype, copy=True)
 
     # the custom-operator boundary
@@ -303,7 +306,8 @@ class NF4Base(BaseWeight):
             self._store(_PREMERGE, None, persistent=False)
             return
         warnings.warn("unmerge(): the pre-merge NF4 codes are not known (the layer was loaded merged); "
-                      "re-quantizing W - scaling * B @ A, which adds one more re-quantization error", stacklevel=3)
+                      "re-quantizing W - delta (scaling * B @ A; DoRA: W' - W), which adds one more re-quantization "
+                      "error", stacklevel=3)
         self._store(_PREFIX, self._requantized(-delta), persistent=True)
 
     # state dict: the fp32 fields as fp32 (bitsandbytes' dtypes), the non-tensor fields as extra state

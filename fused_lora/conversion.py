@@ -5,7 +5,7 @@ Public API::
 
     apply_lora(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=False, quantize=None,
                modules_to_save=None, *, exclude_modules=None, rank_pattern=None, alpha_pattern=None,
-               adapter_dtype=None) -> model
+               adapter_dtype=None, use_dora=False) -> model
     lora_layers(model) -> iterator of (name, FusedLoraLinear)
     trainable_parameters_summary(model) -> (trainable, total, percent)
     print_trainable_parameters(model)
@@ -162,11 +162,12 @@ def plan_lora(
     rank_pattern: Optional[Mapping[str, int]] = None,
     alpha_pattern: Optional[Mapping[str, float]] = None,
     adapter_dtype: Optional[torch.dtype] = None,
+    use_dora: bool = False,
 ) -> LoraPlan:
     """Select and validate the modules :func:`apply_lora` replaces (same arguments); the model is not modified."""
     check_quantize(quantize)
     hyperparams = Hyperparams.checked(r, lora_alpha, lora_dropout, use_rslora, rank_pattern, alpha_pattern,
-                                      adapter_dtype=adapter_dtype)
+                                      adapter_dtype=adapter_dtype, use_dora=use_dora)
     targets_spec = normalize_names(target_modules, "target_modules", allow_none=False)
     exclude_spec = normalize_names(exclude_modules, "exclude_modules")
     mts_spec = normalize_names(modules_to_save, "modules_to_save")
@@ -215,7 +216,7 @@ def execute_plan(model: nn.Module, plan: LoraPlan) -> nn.Module:
     Each new layer's base weight and bias are the replaced module's own Parameters (shared, not copied) and frozen
     -- or, with ``quantize="nf4"``, the weight quantized to NF4 and the dense one dropped; a bitsandbytes
     ``Linear4bit`` keeps its 4-bit weight as it is. A, B are freshly initialised as PEFT does (A kaiming, B = 0), in
-    the planned adapter dtype."""
+    the planned adapter dtype (and for DoRA the magnitude, the rows' norms of W)."""
     for target in plan.targets:
         layer = target.kind.build(target.module, **dataclasses.asdict(target.hyperparams))
         layer.train(target.module.training)
@@ -241,15 +242,16 @@ def apply_lora(
     rank_pattern: Optional[Mapping[str, int]] = None,
     alpha_pattern: Optional[Mapping[str, float]] = None,
     adapter_dtype: Optional[torch.dtype] = None,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Replace the selected ``nn.Linear`` modules of ``model`` by ``FusedLoraLinear`` layers, in place.
 
     Selection (``target_modules``, ``exclude_modules``, ``rank_pattern``, ``alpha_pattern``, ``"all-linear"``) follows
     PEFT's ``LoraConfig`` exactly; see :mod:`fused_lora.targets`. Each new layer shares the replaced linear's
     ``weight`` and ``bias`` Parameters (no copy) and gets PEFT's initialisation (A kaiming-uniform, B = 0: the model's
-    outputs are unchanged). Afterwards only the LoRA A, B matrices and the parameters of the ``modules_to_save``
-    modules are trainable; every other parameter is frozen. ``modules_to_save`` modules are trained in place (not
-    copied as PEFT's ``ModulesToSaveWrapper`` does) and are saved in full by ``save_adapter``.
+    outputs are unchanged). Afterwards only the LoRA A, B matrices (and DoRA magnitudes) and the parameters of the
+    ``modules_to_save`` modules are trainable; every other parameter is frozen. ``modules_to_save`` modules are
+    trained in place (not copied as PEFT's ``ModulesToSaveWrapper`` does) and are saved in full by ``save_adapter``.
 
     ``quantize``: ``None`` keeps dense bases dense; ``"nf4"`` quantizes every selected ``nn.Linear`` to NF4
     (bitsandbytes' format, blocksize 64, double quantization: QLoRA) and drops its dense weight. bitsandbytes
@@ -260,19 +262,22 @@ def apply_lora(
     4-bit base's compute dtype), the layer's dtype otherwise. fp32 adapters train in fp32 (their gradients are fp32)
     while the activations stay in half precision.
 
+    ``use_dora``: DoRA layers (PEFT's ``use_dora=True``; QDoRA over 4-bit bases): each also trains a magnitude
+    vector ``lora_magnitude_vector`` ``[out]`` (in the adapter dtype), initialised to the rows' norms of its base
+    weight, so that the model's outputs are unchanged (see :class:`~fused_lora.layers.FusedLoraLinear`).
+
     Raises (before modifying anything): ``ValueError`` when nothing matches (listing the model's linear layers);
     ``TypeError`` naming the type when a selected module is not an ``nn.Linear``; ``ValueError`` for bad ``r``,
-    ``lora_alpha``, ``lora_dropout``, ``adapter_dtype`` (:mod:`fused_lora.validation`; a bad ``rank_pattern`` /
-    ``alpha_pattern`` value names the module it applies to), for ``modules_to_save`` entries that match nothing or
-    whose weights are tied to a module outside them, and naming the argument for a pattern that is not a valid
-    regular expression
-    (``target_modules`` / ``exclude_modules`` strings, ``modules_to_save`` entries, ``rank_pattern`` /
-    ``alpha_pattern`` keys). Returns ``model``.
+    ``lora_alpha``, ``lora_dropout``, ``adapter_dtype``, ``use_dora`` (:mod:`fused_lora.validation`; a bad
+    ``rank_pattern`` / ``alpha_pattern`` value names the module it applies to), for ``modules_to_save`` entries that
+    match nothing or whose weights are tied to a module outside them, and naming the argument for a pattern that is
+    not a valid regular expression (``target_modules`` / ``exclude_modules`` strings, ``modules_to_save`` entries,
+    ``rank_pattern`` / ``alpha_pattern`` keys). Returns ``model``.
     """
     plan = plan_lora(model, target_modules, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                      use_rslora=use_rslora, quantize=quantize, modules_to_save=modules_to_save,
                      exclude_modules=exclude_modules, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                     adapter_dtype=adapter_dtype)
+                     adapter_dtype=adapter_dtype, use_dora=use_dora)
     return execute_plan(model, plan)
 
 
@@ -309,13 +314,15 @@ def record_shared_weights(model: nn.Module, names: Sequence[str]) -> None:
 
 
 def set_trainability(model: nn.Module, adapters_trainable: bool = True) -> None:
-    """Freeze every parameter except the LoRA A, B and the ``modules_to_save`` modules recorded on ``model``, which
-    get ``requires_grad=adapters_trainable``."""
+    """Freeze every parameter except the LoRA A, B (and DoRA magnitudes) and the ``modules_to_save`` modules
+    recorded on ``model``, which get ``requires_grad=adapters_trainable``."""
     for p in model.parameters():
         p.requires_grad_(False)
     for _, layer in lora_layers(model):
         layer.lora_A.requires_grad_(adapters_trainable)
         layer.lora_B.requires_grad_(adapters_trainable)
+        if layer.use_dora:
+            layer.lora_magnitude_vector.requires_grad_(adapters_trainable)
     for name in get_meta(model).modules_to_save_names:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(adapters_trainable)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import BaseWeight, DenseBase, NF4Base
+from .dora import WeightNormCache, dora_weight_norm
 from .functional import fused_lora_linear
 from .nf4 import NF4Weight, bitsandbytes_classes, quantize_nf4
 from .validation import (adapter_dtype_for, check_alpha, check_compute_dtype, check_dropout, check_rank,
@@ -60,6 +61,18 @@ class FusedLoraLinear(nn.Module):
 
     ``merge()`` folds ``scaling * B @ A`` into the base weight (a plain linear forward, for inference);
     ``unmerge()`` takes it out again. A merged layer does not train its adapter: unmerge before training.
+
+    DoRA (``use_dora=True``, PEFT's ``use_dora``): one more trainable Parameter, ``lora_magnitude_vector`` ``m``
+    ``[out]`` in the adapter dtype, and, with ``n = ||W + s B A||`` per output row (detached) and ``c = m / n``::
+
+        y = c * (x W^T + s x A^T B^T) + b                                   (eval, or lora_dropout = 0)
+        y = x W^T + b + (c - 1) * (D(x) W^T) + c * s * D(x) A^T B^T        (training with dropout D)
+
+    ``m`` starts as ``n`` (``||W||`` with B = 0), so a new DoRA layer computes exactly its base layer. ``||W_i||^2``
+    of the frozen W (the dequantized NF4 weight in the math dtype, for a QDoRA base) is computed once and cached
+    (:class:`~fused_lora.dora.WeightNormCache`, dropped on merge / unmerge / load / ``.to()``); the rest of ``n``
+    costs one thin ``W A^T`` product per step (:func:`fused_lora.dora.dora_row_norm_sq`). ``merge()`` folds PEFT's
+    merged weight ``W' = c[:, None] * (W + s B A)`` into the base, keeping ``n`` for ``unmerge()``.
     """
 
     def __init__(
@@ -74,27 +87,31 @@ class FusedLoraLinear(nn.Module):
         device=None,
         dtype=None,
         adapter_dtype: Optional[torch.dtype] = None,
+        use_dora: bool = False,
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         base = DenseBase(nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False))
         bias_param = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         self._setup(base, bias_param, r, lora_alpha, lora_dropout, use_rslora, device,
-                    adapter_dtype_for(base.compute_dtype, adapter_dtype))
+                    adapter_dtype_for(base.compute_dtype, adapter_dtype), use_dora, init_magnitude=False)
         # nn.Linear's initialisation (after the adapters', an order kept for seeded runs)
         base.reset_parameters()
         if bias_param is not None:
             bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
             nn.init.uniform_(bias_param, -bound, bound)
+        if self.use_dora:  # m = ||W + s B A|| needs W's values: after them (no random numbers drawn)
+            self.reset_magnitude()
 
     @classmethod
     def from_base(cls, base: BaseWeight, bias: Optional[torch.Tensor] = None, r: int = 8, lora_alpha: float = 16,
                   lora_dropout: float = 0.0, use_rslora: bool = False, compute_dtype: Optional[torch.dtype] = None,
-                  adapter_dtype: Optional[torch.dtype] = None) -> "FusedLoraLinear":
+                  adapter_dtype: Optional[torch.dtype] = None, use_dora: bool = False) -> "FusedLoraLinear":
         """A layer around an existing base weight (its storage is used as it is, not copied) and an optional bias
         Parameter (shared, frozen). ``compute_dtype``: the dtype of the math, set on a quantized base (default: the
-        base's own); a dense base computes in its weight's dtype. ``adapter_dtype``: the dtype of A and B (default:
-        :func:`~fused_lora.validation.adapter_dtype_for` the compute dtype, PEFT's rule)."""
+        base's own); a dense base computes in its weight's dtype. ``adapter_dtype``: the dtype of A and B (and of
+        DoRA's magnitude; default: :func:`~fused_lora.validation.adapter_dtype_for` the compute dtype, PEFT's rule).
+        ``use_dora``: a DoRA layer (see the class), its magnitude initialised from the base weight."""
         if compute_dtype is not None and compute_dtype != base.compute_dtype:
             if not base.casts_input:
                 raise ValueError(f"compute_dtype={compute_dtype} differs from the dense base weight's {base.dtype}: a "
@@ -104,14 +121,18 @@ class FusedLoraLinear(nn.Module):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._setup(base, bias, r, lora_alpha, lora_dropout, use_rslora, base.device,
-                     adapter_dtype_for(base.compute_dtype, adapter_dtype))
+                     adapter_dtype_for(base.compute_dtype, adapter_dtype), use_dora)
         return layer
 
-    def _setup(self, base, bias, r, lora_alpha, lora_dropout, use_rslora, device, adapter_dtype) -> None:
+    def _setup(self, base, bias, r, lora_alpha, lora_dropout, use_rslora, device, adapter_dtype, use_dora=False,
+               init_magnitude=True) -> None:
         self.r = check_rank(r)
         self.lora_alpha = check_alpha(lora_alpha)
         self.lora_dropout = check_dropout(lora_dropout)
         self.use_rslora = bool(use_rslora)
+        if not isinstance(use_dora, bool):  # as validation.py refuses r=True: a bool, not a truthy value
+            raise ValueError(f"use_dora={use_dora!r} must be True or False")
+        self.use_dora = use_dora
         self.custom_scaling: Optional[float] = None
         self.in_features, self.out_features = base.in_features, base.out_features
         for t in base.parameters():  # frozen, once the arguments are known to be valid
@@ -123,6 +144,12 @@ class FusedLoraLinear(nn.Module):
         factory = {"device": device, "dtype": adapter_dtype}
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, **factory))
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, **factory))
+        else:  # None: no entry in parameters() or the state dict, which stay exactly those of a LoRA layer
+            self.register_parameter("lora_magnitude_vector", None)
+        # ||W_i||^2 of the frozen base weight, for DoRA's norm (computed on first use, per weight and math dtype)
+        self._weight_norm = WeightNormCache()
         # Whether W holds the adapter's delta: a buffer, so that a state dict carries it with the weight it
         # describes (loading one restores both); the Python bool is what forward reads (no device sync).
         self.register_buffer("lora_merged", torch.zeros((), dtype=torch.bool, device=device))
@@ -130,12 +157,39 @@ class FusedLoraLinear(nn.Module):
         # Names of the model's other tensors overlapping W's memory (tied weights), found by apply_lora: merging
         # into W in place would change them too.
         self.weight_shared_with: Tuple[str, ...] = ()
-        self.reset_lora_parameters()
+        if use_dora:
+            # DoRA's n at merge time, which unmerge() needs and cannot recover from W' (any positive c_i gives
+            # ||W'_i / c_i|| = |m_i| / c_i = n_i): a buffer, so that a merged layer's state dict carries it. None
+            # while unmerged (no state-dict entry then). Held as the int bit pattern of its fp32 / float64 values,
+            # so that module.to(dtype) / .half() (which cast floating buffers) leave it exact.
+            self.register_buffer("dora_merge_norm", None)
+        self.reset_lora_parameters(init_magnitude=init_magnitude)
 
-    def reset_lora_parameters(self) -> None:
-        """PEFT's default initialisation: A ~ kaiming-uniform(a=sqrt(5)), B = 0."""
+    def reset_lora_parameters(self, init_magnitude: bool = True) -> None:
+        """PEFT's default initialisation: A ~ kaiming-uniform(a=sqrt(5)), B = 0; then, for DoRA, the magnitude
+        (:meth:`reset_magnitude`, unless ``init_magnitude=False``)."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        if self.use_dora and init_magnitude:
+            self.reset_magnitude()
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """DoRA: ``m = ||W + s B A||`` per output row (PEFT's initialisation; ``||W||`` while B = 0), so that the
+        layer computes what it computed before (``c = m / n = 1``). Computed in fp32 (float64 for float64 weights or
+        adapters) without an ``[out, in]`` temporary (:func:`fused_lora.dora.dora_weight_norm`) and rounded to the
+        adapter dtype; an NF4 weight dequantized to the compute dtype, the values its forward multiplies with.
+        (PEFT computes it before casting its adapters to fp32, so over a bf16 base its initial m is rounded to bf16
+        and c starts within a bf16 ulp of 1 instead.) On the meta device nothing is computed."""
+        if not self.use_dora:
+            raise RuntimeError("reset_magnitude(): not a DoRA layer (use_dora=False)")
+        if self.merged:
+            raise RuntimeError("reset_magnitude(): the layer is merged; unmerge() first")
+        if self.lora_magnitude_vector.device.type == "meta" or self.base.device.type == "meta":
+            return
+        dtype = self.compute_dtype if self.quantized else None
+        norm = dora_weight_norm(self.base.value(), self.lora_A, self.lora_B, self.scaling, dtype=dtype)
+        self.lora_magnitude_vector.copy_(norm)
 
     # ------------------------------------------------------------------------------------------------------------
     # scaling
@@ -199,7 +253,7 @@ class FusedLoraLinear(nn.Module):
 
     @property
     def adapter_dtype(self) -> torch.dtype:
-        """The dtype of ``lora_A`` and ``lora_B`` (and of their gradients)."""
+        """The dtype of ``lora_A`` and ``lora_B`` (and of their gradients; DoRA's magnitude too)."""
         return self.lora_A.dtype
 
     def base_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -225,6 +279,7 @@ class FusedLoraLinear(nn.Module):
         blocksize: int = 64,
         double_quant: bool = True,
         adapter_dtype: Optional[torch.dtype] = None,
+        use_dora: bool = False,
     ) -> "FusedLoraLinear":
         """Wrap an existing ``nn.Linear``.
 
@@ -233,6 +288,7 @@ class FusedLoraLinear(nn.Module):
         does (``blocksize``, ``double_quant`` = bitsandbytes' ``compress_statistics``); only the 4-bit form is
         kept. ``compute_dtype`` (default: the linear's dtype) is the dtype of the math over the NF4 base.
         ``adapter_dtype``: the dtype of A and B (default: PEFT's, fp32 over fp16 / bf16 math, see the class).
+        ``use_dora``: a DoRA layer (QDoRA over NF4), its magnitude initialised to the rows' norms (see the class).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
@@ -249,7 +305,7 @@ class FusedLoraLinear(nn.Module):
                 "subclass with its own forward, whose behaviour FusedLoraLinear would drop: not supported"
             )
         lora = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
-                    adapter_dtype=adapter_dtype)
+                    adapter_dtype=adapter_dtype, use_dora=use_dora)
         if quantize is None:
             if compute_dtype is not None and compute_dtype != linear.weight.dtype:
                 raise ValueError("compute_dtype applies to quantized bases; cast the linear itself for a dense one")
@@ -269,15 +325,16 @@ class FusedLoraLinear(nn.Module):
         use_rslora: bool = False,
         compute_dtype: Optional[torch.dtype] = None,
         adapter_dtype: Optional[torch.dtype] = None,
+        use_dora: bool = False,
     ) -> "FusedLoraLinear":
         """Wrap a bitsandbytes ``Linear4bit`` (NF4) without re-quantizing: its packed weight and statistics are
         shared, its bias Parameter too. ``compute_dtype`` defaults to the Linear4bit's own, else the weight's
-        original dtype; ``adapter_dtype`` to PEFT's rule (fp32 over fp16 / bf16 math, see the class). fp4 and other
-        unsupported quantizations raise a ValueError."""
+        original dtype; ``adapter_dtype`` to PEFT's rule (fp32 over fp16 / bf16 math, see the class);
+        ``use_dora``: QDoRA (see the class). fp4 and other unsupported quantizations raise a ValueError."""
         nf4 = NF4Weight.from_bnb(linear4bit)
         dtype = compute_dtype or getattr(linear4bit, "compute_dtype", None) or nf4.dtype
         return cls.from_base(NF4Base(nf4, dtype), linear4bit.bias, r, lora_alpha, lora_dropout, use_rslora,
-                             adapter_dtype=adapter_dtype)
+                             adapter_dtype=adapter_dtype, use_dora=use_dora)
 
     # ------------------------------------------------------------------------------------------------------------
     # forward
@@ -292,26 +349,94 @@ class FusedLoraLinear(nn.Module):
         if self.merged:
             y = F.linear(xc, self.base.dequantize(dtype), bias)
         else:
+            weight = self.base.value()
+            dora = {}
+            if self.use_dora:
+                dora = dict(magnitude=self.lora_magnitude_vector, weight_norm_sq=self._weight_norm_sq(weight, dtype))
             y = fused_lora_linear(
-                xc, self.base.value(), self.lora_A, self.lora_B, self.scaling, bias=bias,
-                dropout_p=self.lora_dropout, training=self.training,
+                xc, weight, self.lora_A, self.lora_B, self.scaling, bias=bias,
+                dropout_p=self.lora_dropout, training=self.training, **dora,
             )
         return y.to(x.dtype) if cast else y
+
+    def _weight_norm_sq(self, weight, dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+        """The cached ``||W_i||^2`` (NF4: of W dequantized to the math dtype ``dtype``). None while torch.compile
+        traces: the cache checks tensor identity and version counters in Python, which a compiled graph would bake
+        in; ``fused_lora_linear`` then computes it in the graph (one extra pass over W per call)."""
+        if torch.compiler.is_compiling():
+            return None
+        return self._weight_norm.get(weight, dtype)
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() / to_empty(): new tensors (the cache would notice), or a new compute dtype for
+        # NF4 (a new key): dropped explicitly anyway, so that a cached norm never outlives the weight it describes.
+        self._weight_norm.invalidate()
+        return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------------------------------------------------
     # merge
 
     @property
     def merged(self) -> bool:
-        """True while ``scaling * B @ A`` is folded into the base weight (:meth:`merge`)."""
+        """True while the adapter is folded into the base weight (:meth:`merge`)."""
         return self._merged
 
     def delta_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """``scaling * B @ A`` ``[out, in]``, computed in ``dtype`` (default: fp32, or float64 for a float64 weight
-        or float64 adapters: at least the precision of the weight it is added to and of the adapters, so that the
-        merged weight is rounded once, into the weight's dtype)."""
+        """What :meth:`merge` adds to the base weight, ``W' - W``, as a new ``[out, in]`` tensor in ``dtype``.
+
+        LoRA: ``scaling * B @ A``, by default in fp32 (float64 for a float64 weight or float64 adapters: at least
+        the precision of the weight it is added to and of the adapters, so that the merged weight is rounded once,
+        into the weight's dtype).
+
+        DoRA: ``W' - W`` with PEFT's merged weight ``W' = (m / n)[:, None] * (W + s B A)``, ``n = ||W + s B A||``
+        per row, W the unmerged base weight (dense, or dequantized exactly to fp32). While merged, W is recovered
+        from the merged one as PEFT's unmerge does, ``W = W' / (m / n)[:, None] - s B A`` with the ``n`` kept at
+        merge time. By default in float64, whatever the weight's dtype: ``W + (W' - W)`` is then ``W'`` to float64
+        accuracy before its one rounding to the weight's dtype (in fp32, the rounding of ``W' - W`` is relative to
+        ``|W|``, which exceeds half an ulp of a ``W'_ij`` that ``c`` made much smaller than ``W_ij``, even in bf16).
+        Unlike LoRA's, it depends on W and on the magnitude, and costs a few ``[out, in]`` float64 temporaries."""
+        if self.use_dora:
+            return self._dora_delta(dtype)[0]
         dtype = dtype or torch.promote_types(torch.promote_types(self.base.dtype, self.adapter_dtype), torch.float32)
         return (self.lora_B.detach().to(dtype) @ self.lora_A.detach().to(dtype)) * self.scaling
+
+    @torch.no_grad()
+    def _dora_delta(self, dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """DoRA's ``(W' - W, n)`` (see :meth:`delta_weight`); ``n`` in ``dtype``."""
+        dtype = dtype or torch.float64
+        # the dense W exactly as BaseWeight.dense_with adds the delta to it (an NF4 W dequantized to fp32: exact)
+        # (a dense weight already in that dtype is the Parameter itself: never modified in place below)
+        current = self.base.dequantize(torch.promote_types(self.base.dtype, torch.float32)).to(dtype)
+        lora = (self.lora_B.detach().to(dtype) @ self.lora_A.detach().to(dtype)).mul_(self.scaling)
+        m = self.lora_magnitude_vector.detach().to(dtype)
+        if not self.merged:
+            # PEFT's n, of the materialised W + s B A (needed for W' anyway: no cancellation concern here)
+            unscaled = current + lora
+            n = torch.linalg.vector_norm(unscaled, dim=1)
+            merged = unscaled.mul_((m / n)[:, None])
+            return merged.sub_(current), n
+        n = self._merge_norm()
+        if n is None:
+            raise RuntimeError(
+                "FusedLoraLinear: this DoRA layer was loaded merged from a state dict without its merge norm "
+                "(dora_merge_norm), which unmerging needs (W = W' / (m / n) - s B A; n is not recoverable from W'); "
+                "load the state dict it was saved with, or an unmerged one"
+            )
+        n = n.to(dtype)
+        original = current.div((m / n)[:, None]).sub_(lora)
+        return current - original, n  # (current may be the weight Parameter itself: not in place)
+
+    def _merge_norm(self) -> Optional[torch.Tensor]:
+        stored = getattr(self, "dora_merge_norm", None)
+        if stored is None:
+            return None
+        return stored.view(torch.float64 if stored.dtype == torch.int64 else torch.float32)
+
+    def _set_merge_norm(self, n: Optional[torch.Tensor]) -> None:
+        if n is not None:
+            n = n.detach().to(torch.float64 if n.dtype == torch.float64 else torch.float32).contiguous()
+            n = n.view(torch.int64 if n.dtype == torch.float64 else torch.int32)
+        self.dora_merge_norm = n
 
     def _check_not_shared(self, what: str) -> None:
         if self.weight_shared_with:
@@ -324,37 +449,53 @@ class FusedLoraLinear(nn.Module):
 
     def merge(self) -> None:
         """``W += scaling * B @ A``, computed in fp32 (float64 for float64 weights) and rounded once to the
-        weight's dtype. A quantized base re-quantizes and keeps its pre-merge codes for an exact unmerge (see
-        :class:`~fused_lora.base.NF4Base`). Refused (RuntimeError) when W is shared with another module."""
+        weight's dtype; DoRA: ``W = (m / n)[:, None] * (W + scaling * B @ A)`` as PEFT merges it (``n`` kept for
+        :meth:`unmerge`; see :meth:`delta_weight`). A quantized base re-quantizes and keeps its pre-merge codes for an
+        exact unmerge (see :class:`~fused_lora.base.NF4Base`). Refused (RuntimeError) when W is shared with another
+        module."""
         if self.merged:
             warnings.warn("FusedLoraLinear.merge(): already merged, nothing to do", stacklevel=2)
             return
         self._check_not_shared("merge")
-        self.base.merge(self.delta_weight())
+        if self.use_dora:
+            delta, n = self._dora_delta()
+            self.base.merge(delta)
+            self._set_merge_norm(n)
+        else:
+            self.base.merge(self.delta_weight())
         self._set_merged(True)
 
     def unmerge(self) -> None:
-        """Undo :meth:`merge`: ``W -= scaling * B @ A`` (restores a dense weight up to the rounding of the two
-        updates; an NF4 weight exactly)."""
+        """Undo :meth:`merge`: ``W -= scaling * B @ A`` (DoRA: ``W = W' / (m / n)[:, None] - scaling * B @ A``);
+        restores a dense weight up to the rounding of the two updates, an NF4 weight exactly."""
         if not self.merged:
             warnings.warn("FusedLoraLinear.unmerge(): not merged, nothing to do", stacklevel=2)
             return
         self.base.unmerge(self.delta_weight())
+        if self.use_dora:
+            self._set_merge_norm(None)
         self._set_merged(False)
 
     @torch.no_grad()
-    def set_adapter_weights(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
-        """Copy new adapter matrices into ``lora_A`` / ``lora_B`` (cast to their dtype). A merged layer is unmerged
-        first and merged again with the new adapter, so W never holds a delta the layer does not know."""
-        for name, new, have in (("lora_A", lora_A, self.lora_A), ("lora_B", lora_B, self.lora_B)):
-            if tuple(new.shape) != tuple(have.shape):
-                raise ValueError(f"set_adapter_weights: {name} has shape {list(new.shape)}, the layer expects "
+    def set_adapter_weights(self, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                            magnitude: Optional[torch.Tensor] = None) -> None:
+        """Copy new adapter matrices into ``lora_A`` / ``lora_B`` (cast to their dtype), and for a DoRA layer the
+        magnitude into ``lora_magnitude_vector`` (None: kept as it is). A merged layer is unmerged first and merged
+        again with the new adapter, so W never holds a delta the layer does not know."""
+        new = [("lora_A", lora_A, self.lora_A), ("lora_B", lora_B, self.lora_B)]
+        if magnitude is not None:
+            if not self.use_dora:
+                raise ValueError("set_adapter_weights: got a magnitude, but this is not a DoRA layer (use_dora=False)")
+            new.append(("magnitude", magnitude, self.lora_magnitude_vector))
+        for name, value, have in new:
+            if tuple(value.shape) != tuple(have.shape):
+                raise ValueError(f"set_adapter_weights: {name} has shape {list(value.shape)}, the layer expects "
                                  f"{list(have.shape)}")
         was_merged = self.merged
         if was_merged:
             self.unmerge()
-        self.lora_A.copy_(lora_A)
-        self.lora_B.copy_(lora_B)
+        for _, value, have in new:
+            have.copy_(value)
         if was_merged:
             self.merge()
 
@@ -363,6 +504,7 @@ class FusedLoraLinear(nn.Module):
 
     def _set_merged(self, merged: bool) -> None:
         self._merged = merged
+        self._weight_norm.invalidate()  # W changed (merge: DoRA's norm is not used while merged; unmerge: W again)
         self._sync_merged_buffer()
 
     def _sync_merged_buffer(self) -> None:
@@ -374,6 +516,9 @@ class FusedLoraLinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self._sync_merged_buffer()
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        norm_key = prefix + "dora_merge_norm"
+        if norm_key in destination:  # the values, not the bit pattern the buffer holds them as
+            destination[norm_key] = self._merge_norm()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -384,8 +529,11 @@ class FusedLoraLinear(nn.Module):
                 state_dict[prefix + "base." + name] = state_dict.pop(key)
         flag_key = prefix + "lora_merged"
         flag = state_dict.get(flag_key)
+        norm_key = prefix + "dora_merge_norm"
+        # DoRA's merge norm exists only while merged: read here, not by nn.Module (present or not, never an error)
+        norm = state_dict.pop(norm_key, None) if self.use_dora else None
         loads_base = any(k.startswith(prefix + "base.") for k in state_dict)
-        loads_adapter = any(prefix + name in state_dict for name in ("lora_A", "lora_B"))
+        loads_adapter = any(prefix + name in state_dict for name in ("lora_A", "lora_B", "lora_magnitude_vector"))
         # New adapter matrices for a merged base weight that stays: unmerge first and merge again after, so that W
         # never holds a delta the layer does not know.
         remerge = self.merged and loads_adapter and not loads_base and flag is None
@@ -395,10 +543,18 @@ class FusedLoraLinear(nn.Module):
                                       error_msgs)
         if flag_key in missing_keys:  # state dicts written before the flag existed
             missing_keys.remove(flag_key)
+        if norm_key in missing_keys:
+            missing_keys.remove(norm_key)
         if flag is not None and flag.device.type != "meta":
             self._merged = bool(flag)  # the loaded weight is merged or not as its state dict says
+            if self.use_dora:  # and the norm it was merged with (None: unmerge() will say it is missing)
+                self._set_merge_norm(norm.to(self.lora_merged.device) if self._merged and norm is not None else None)
         elif loads_base:
             self._merged = False  # a base weight without the flag is an unmerged one
+            if self.use_dora:
+                self._set_merge_norm(None)
+        if loads_base:
+            self._weight_norm.invalidate()
         if remerge:
             self.merge()
         self._sync_merged_buffer()
@@ -409,4 +565,5 @@ class FusedLoraLinear(nn.Module):
             f"lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, bias={self.bias is not None}, "
             f"use_rslora={self.use_rslora}, compute_dtype={str(self.compute_dtype).replace('torch.', '')}, "
             f"adapter_dtype={str(self.adapter_dtype).replace('torch.', '')}, merged={self.merged}"
+            + (", use_dora=True" if self.use_dora else "")
         )

@@ -10,13 +10,23 @@ a subclass whose ``forward`` computes, for the one active adapter ``a``::
     y = base(x) + scaling[a] * lora_B[a](lora_A[a](lora_dropout[a](x)))
 
 as one call of :func:`fused_lora.fused_lora_linear`, reading PEFT's parameters where they are (no copies; fp32
-adapters on a half-precision base stay fp32, and their gradients land there). Anything that call does not compute
-goes to PEFT's own forward, for that layer or that call -- the same numbers, never an error -- and is counted:
+adapters on a half-precision base stay fp32, and their gradients land there). A DoRA adapter (``use_dora=True``,
+dense, Conv1D and bitsandbytes NF4 bases: QDoRA) is the same call with ``magnitude=lora_magnitude_vector[a].weight``
+and the cached ``||W_i||^2`` of the frozen base weight (:class:`fused_lora.dora.WeightNormCache`, one per layer),
+computing PEFT's DoRA (``DoraLinearVariant.forward``): with ``c = m / ||W + s B A||_row`` (detached),
+``y = c * (x W^T + s x A^T B^T) + b`` in eval mode or without dropout, and
+``y = x W^T + b + (c - 1) * (D(x) W^T) + c * s * D(x) A^T B^T`` in training with dropout D (PEFT switches on the
+LoRA layer's ``training`` flag; ``fused_lora.dora`` derives both). Anything that call does not compute goes to
+PEFT's own forward, for that layer or that call -- the same numbers, never an error -- and is counted:
 
-* per layer (the state of the layer): a LoRA variant (DoRA, ...), ``lora_bias``, a dropout module other than
-  ``nn.Dropout`` / ``nn.Identity``, a base other than ``nn.Linear`` / ``Conv1D`` / NF4 ``Linear4bit`` (FP4), hooks
-  on the base, adapter or dropout modules (accelerate offloading, DeepSpeed ZeRO-3: the parameters are only
-  complete inside those hooks), adapters whose shapes do not match;
+* per layer (the state of the layer): a LoRA variant other than DoRA (aLoRA, ...), ``lora_bias``, a dropout module
+  other than ``nn.Dropout`` / ``nn.Identity``, a base other than ``nn.Linear`` / ``Conv1D`` / NF4 ``Linear4bit``
+  (FP4), hooks on the base, adapter or dropout modules (accelerate offloading, DeepSpeed ZeRO-3: the parameters are
+  only complete inside those hooks), adapters whose shapes do not match; for DoRA also hooks on the magnitude
+  module, a magnitude of another shape or device than the adapters' (``ephemeral_gpu_offload`` keeps it on the CPU),
+  a base weight that requires grad (the fused DoRA keeps W frozen), a ``fan_in_fan_out`` of the DoRA module that
+  does not fit the base, and PEFT's DoRA cache (``peft.tuners.lora.dora.ENABLE_DORA_CACHING``) in eval mode, whose
+  norm may be stale;
 * per call: several adapters active at once, ``adapter_names`` (mixed-adapter batches), extra forward arguments,
   an input dtype the base layer itself would refuse, ``disable_input_dtype_casting``, global module hooks,
   torch.func transforms and forward-mode AD.
@@ -43,6 +53,7 @@ import torch.autograd.forward_ad as _forward_ad
 from torch import nn
 from torch.nn.modules import module as nn_module
 
+from .dora import WeightNormCache
 from .functional import fused_lora_linear
 from .layers import is_plain_linear
 from .nf4 import NF4Weight, bitsandbytes_classes
@@ -57,6 +68,7 @@ _PEFT_CLASSES = {
 }
 _FALLBACKS_ATTR = "_fused_lora_fallbacks"  # on a fused layer: {reason: number of calls PEFT's forward computed}
 _NAME_ATTR = "_fused_lora_name"  # on a fused layer: its name in the model given to from_peft (for messages)
+_DORA_ATTR = "_fused_lora_dora"  # on a fused DoRA layer: its _DoraNorms
 _warned_reasons: set = set()
 
 
@@ -75,6 +87,20 @@ class _FusedForward:
                 _record_fallback(self, reason)
             return super().forward(x, *args, **kwargs)
         return _fused_forward(self, adapter, kind, x)
+
+    # PEFT's merge / unmerge write the base weight through ``.data``, which keeps its version counter (and an
+    # unmerged weight may land at the address of the original): the cached ||W_i||^2 of DoRA is dropped here.
+    def merge(self, *args, **kwargs):
+        try:
+            return super().merge(*args, **kwargs)
+        finally:
+            _forget_weight_norms(self)
+
+    def unmerge(self, *args, **kwargs):
+        try:
+            return super().unmerge(*args, **kwargs)
+        finally:
+            _forget_weight_norms(self)
 
 
 def _peft_class(fused_name: str) -> Optional[type]:
@@ -160,13 +186,59 @@ def _base_kind(base: nn.Module) -> Tuple[Optional[str], Optional[str]]:
     return None, f"{cls.__module__}.{cls.__qualname__} base (fused-lora computes nn.Linear, Conv1D and NF4 bases)"
 
 
+def _is_dora(layer: nn.Module, adapter: str) -> bool:
+    """Whether ``adapter`` is a DoRA adapter of PEFT's own linear DoRA variant (``use_dora=True``)."""
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    cls = type(variant)
+    return (getattr(layer, "use_dora", {}).get(adapter, False) and cls.__name__ == "DoraLinearVariant"
+            and cls.__module__ == "peft.tuners.lora.variants")
+
+
+def _variant_reason(layer: nn.Module, adapter: str) -> Optional[str]:
+    """Why a LoRA variant of ``adapter`` is left to PEFT (None: plain LoRA or PEFT's linear DoRA)."""
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is None and not getattr(layer, "use_dora", {}).get(adapter, False):
+        return None
+    if _is_dora(layer, adapter):
+        return None
+    name = type(variant).__name__ if variant is not None else "DoRA"
+    return f"LoRA variant {name.replace('LinearVariant', '') or name} (PEFT computes variants)"
+
+
+def _dora_reason(layer: nn.Module, adapter: str, kind: str) -> Optional[str]:
+    """Why the fused path cannot compute this DoRA adapter exactly as PEFT's ``DoraLinearVariant.forward`` does
+    (None: it can), for a layer that passed :func:`_layer_kind`'s LoRA checks with base kind ``kind``."""
+    from peft.tuners.lora import dora as peft_dora
+
+    module = layer.lora_magnitude_vector[adapter]
+    if type(module) is not peft_dora.DoraLinearLayer:
+        return f"DoRA magnitude module {type(module).__qualname__} (fused-lora computes PEFT's DoraLinearLayer)"
+    if _has_hooks(module):
+        return "hooks on the base, adapter or dropout modules (e.g. accelerate offloading, DeepSpeed ZeRO-3)"
+    if bool(module.fan_in_fan_out) != (kind == "conv1d"):
+        # PEFT's DoRA transposes the base weight by the DoRA module's own flag
+        return f"DoRA fan_in_fan_out={module.fan_in_fan_out} over a {type(layer.get_base_layer()).__name__}"
+    m, A = module.weight, layer.lora_A[adapter].weight
+    if not isinstance(m, torch.Tensor) or not m.is_floating_point() or tuple(m.shape) != (layer.out_features,):
+        return (f"DoRA magnitude {getattr(m, 'dtype', type(m).__name__)} {list(getattr(m, 'shape', []))} does not "
+                f"fit {layer.out_features} output features")
+    if m.device != A.device:
+        return (f"DoRA magnitude on {m.device}, adapters on {A.device} (ephemeral_gpu_offload: PEFT computes "
+                "across devices)")
+    if kind != "nf4" and layer.get_base_layer().weight.requires_grad:
+        return "base weight requires grad (fused DoRA keeps W frozen: no gradient through W)"
+    if peft_dora.ENABLE_DORA_CACHING and not module.training:
+        # PEFT then reuses the weight norm of the first eval call until train(): its numbers, stale or not
+        return "PEFT's DoRA cache in eval mode (peft.tuners.lora.dora.ENABLE_DORA_CACHING)"
+    return None
+
+
 def _layer_kind(layer: nn.Module, adapter: str) -> Tuple[Optional[str], Optional[str]]:
     """``(base kind, None)`` when the fused path can compute ``adapter`` on this layer as it is now (the kind of
     :func:`_base_kind`), else ``(None, why not)``."""
-    variant = getattr(layer, "lora_variant", {}).get(adapter)
-    if variant is not None or getattr(layer, "use_dora", {}).get(adapter, False):
-        name = type(variant).__name__ if variant is not None else "DoRA"
-        return None, f"LoRA variant {name.replace('LinearVariant', '') or name} (PEFT computes variants)"
+    reason = _variant_reason(layer, adapter)
+    if reason is not None:
+        return None, reason
     lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
     if getattr(layer, "lora_bias", {}).get(adapter, False) or lora_B.bias is not None or lora_A.bias is not None:
         return None, "lora_bias=True"
@@ -189,6 +261,10 @@ def _layer_kind(layer: nn.Module, adapter: str) -> Tuple[Optional[str], Optional
                 f"[{out_features}, {in_features}] base (sharded or replaced parameters)")
     if not A.is_floating_point() or A.dtype != B.dtype:
         return None, f"adapter dtypes lora_A {A.dtype} / lora_B {B.dtype}"
+    if _is_dora(layer, adapter):
+        reason = _dora_reason(layer, adapter, kind)
+        if reason is not None:
+            return None, reason
     return kind, None
 
 
@@ -279,23 +355,74 @@ def _nf4_view(layer: nn.Module, base: nn.Module) -> NF4Weight:
     return cached[1]
 
 
+class _DoraNorms:
+    """A fused DoRA layer's cached ``||W_i||^2`` of its frozen base weight (:class:`WeightNormCache`: recomputed
+    when the weight object, storage, version or dtype changes; dropped by merge / unmerge), and for a Conv1D base
+    the ``[out, in]`` view of its ``[in, out]`` weight (one object while the weight's storage stays, so that the
+    cache recognises it). Pickled and deep-copied as empty: a copy computes its own."""
+
+    def __init__(self):
+        self.cache = WeightNormCache()
+        self._view_key = None
+        self._view: Optional[torch.Tensor] = None
+
+    def __reduce__(self):
+        return (_DoraNorms, ())
+
+    def transposed(self, weight: torch.Tensor) -> torch.Tensor:
+        key = (id(weight), weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
+        if self._view is None or self._view_key != key:
+            self._view_key, self._view = key, weight.t()
+        return self._view
+
+
+def _dora_norms(layer: nn.Module) -> _DoraNorms:
+    norms = layer.__dict__.get(_DORA_ATTR)
+    if norms is None:
+        norms = layer.__dict__[_DORA_ATTR] = _DoraNorms()
+    return norms
+
+
+def _forget_weight_norms(layer: nn.Module) -> None:
+    layer.__dict__.pop(_DORA_ATTR, None)
+
+
 def _fused_forward(layer: nn.Module, adapter: str, kind: str, x: torch.Tensor) -> torch.Tensor:
-    """``base(x) + scaling * B(A(dropout(x)))`` for one adapter, in one fused call on PEFT's own parameters;
-    ``kind``: the base's (:func:`_base_kind`)."""
+    """``base(x) + scaling * B(A(dropout(x)))`` for one adapter -- or PEFT's DoRA of it -- in one fused call on
+    PEFT's own parameters; ``kind``: the base's (:func:`_base_kind`)."""
     base = layer.get_base_layer()
     A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     dropout = layer.lora_dropout[adapter]
     p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
     scaling = float(layer.scaling[adapter])
+    training = dropout.training
+    dora = _is_dora(layer, adapter)
+    if dora:
+        # PEFT's DoRA takes its dropout form only when the LoRA layer itself is in training mode (in eval it neither
+        # drops nor recomputes the base product, whatever the dropout module's flag)
+        training = layer.training and dropout.training
+        magnitude = layer.lora_magnitude_vector[adapter].weight
+        norms = None if torch.compiler.is_compiling() else _dora_norms(layer)  # compiled: the graph computes it
     if kind == "nf4":  # as bitsandbytes: x and bias cast to the math dtype, the output back to x's dtype
         _sync_bitsandbytes_state(base, x)
         dtype = _nf4_math_dtype(base, x)
         bias = None if base.bias is None else base.bias.to(dtype)
-        y = fused_lora_linear(x.to(dtype), _nf4_view(layer, base), A, B, scaling, bias=bias, dropout_p=p,
-                              training=dropout.training)
+        weight = _nf4_view(layer, base)
+        extra = {} if not dora else dict(
+            magnitude=magnitude, weight_norm_sq=None if norms is None else norms.cache.get(weight, dtype))
+        y = fused_lora_linear(x.to(dtype), weight, A, B, scaling, bias=bias, dropout_p=p, training=training,
+                              **extra)
         return y.to(x.dtype)
-    weight = base.weight.t() if kind == "conv1d" else base.weight
-    return fused_lora_linear(x, weight, A, B, scaling, bias=base.bias, dropout_p=p, training=dropout.training)
+    if not dora:
+        weight = base.weight.t() if kind == "conv1d" else base.weight
+        return fused_lora_linear(x, weight, A, B, scaling, bias=base.bias, dropout_p=p, training=training)
+    if norms is None:
+        weight, norm_sq = (base.weight.t() if kind == "conv1d" else base.weight), None
+    else:
+        weight = norms.transposed(base.weight) if kind == "conv1d" else base.weight
+        norm_sq = norms.cache.get(weight)
+    return fused_lora_linear(x, weight, A, B, scaling, bias=base.bias, dropout_p=p, training=training,
+                             magnitude=magnitude, weight_norm_sq=norm_sq)
 
 
 def _record_fallback(layer: nn.Module, reason: str) -> None:
@@ -402,11 +529,11 @@ def from_peft(model: nn.Module) -> nn.Module:
     a model with adapters injected by ``peft.inject_adapter_in_model``).
 
     Each PEFT ``lora.Linear`` (over ``nn.Linear`` or transformers' ``Conv1D``) and ``lora.bnb.Linear4bit`` (over an
-    NF4 ``Linear4bit``) computes its active adapter through :func:`fused_lora.fused_lora_linear`, reading PEFT's own
-    parameters; what that does not compute runs PEFT's forward (module docstring). Nothing else changes: module
-    tree, parameters and their names, adapters, dtypes, files. Calling it again accelerates layers added since
-    (``add_adapter`` with new target modules); :func:`restore_peft` undoes it. Warns when a layer is left to PEFT;
-    :func:`fusion_summary` tells which and why.
+    NF4 ``Linear4bit``) computes its active adapter -- LoRA or DoRA -- through :func:`fused_lora.fused_lora_linear`,
+    reading PEFT's own parameters; what that does not compute runs PEFT's forward (module docstring). Nothing else
+    changes: module tree, parameters and their names, adapters, dtypes, files. Calling it again accelerates layers
+    added since (``add_adapter`` with new target modules); :func:`restore_peft` undoes it. Warns when a layer is
+    left to PEFT; :func:`fusion_summary` tells which and why.
     """
     layers = _lora_layers(model)
     for name, layer in layers:
@@ -432,6 +559,6 @@ def restore_peft(model: nn.Module) -> nn.Module:
         if _is_fused(layer):
             layer.__class__ = next(c for c in type(layer).__mro__[1:] if c is not _FusedForward
                                    and not issubclass(c, _FusedForward))
-            for attr in (_FALLBACKS_ATTR, _NAME_ATTR, "_fused_lora_nf4"):
+            for attr in (_FALLBACKS_ATTR, _NAME_ATTR, "_fused_lora_nf4", _DORA_ATTR):
                 layer.__dict__.pop(attr, None)
     return model

@@ -387,8 +387,8 @@ def _fallback_case(name):
         with torch.no_grad():
             pm.base_model.model.up.lora_B["default"].bias.normal_()
         return pm, {}
-    if name == "dora":
-        return peft_model(use_dora=True), {}
+    if name == "alora":  # another LoRA variant (DoRA is fused: tests/test_dora_peft.py)
+        return peft_model(alora_invocation_tokens=[1, 2]), {}
     raise AssertionError(name)
 
 
@@ -396,7 +396,7 @@ def _fallback_case(name):
     ("two adapters", "several adapters active at once (default, other)"),
     ("adapter_names", "adapter_names (mixed-adapter batch)"),
     ("lora_bias", "lora_bias=True"),
-    ("dora", "LoRA variant Dora"),
+    ("alora", "LoRA variant ALora"),
 ])
 def test_fallbacks_give_peft_numbers_and_show_in_the_summary(monkeypatch, case, reason):
     theirs, kwargs = _fallback_case(case)

@@ -14,7 +14,8 @@ the hard limit whatever happens:
              skip cleanly where it is absent (``pytest.importorskip``).
 ``bench``    the headline benchmarks, bf16, r = 16, forward / backward / full, ``fused`` vs ``peft`` vs ``base``,
              timed side by side (``benchmarks.suite.measure_group``, ``triton.testing.do_bench``): 8192 x 4096 x 4096
-             and 8192 x 4096 x 11008 at p in {0, 0.1}.
+             and 8192 x 4096 x 11008 at p in {0, 0.1}; at 4096 x 4096 also DoRA, ``fused-dora`` and ``peft-dora``, in
+             the same groups (the DoRA goal compares ``fused-dora`` with ``fused`` timed side by side).
 ``qlora``    ``fused-nf4`` at 16, 512 and 8192 tokens (4096 x 4096, p = 0.1) vs ``nf4-dequant``: dequantize-then-
              matmul on the same NF4 bytes with fused_lora's torch dequantization + ``F.linear``, and the eager LoRA
              branch (``benchmarks/providers.py``; bitsandbytes is not needed).
@@ -95,7 +96,8 @@ TEST_FILE_ORDER = ("tests/test_functional.py", "tests/test_gpu_contracts.py", "t
                    "tests/test_nf4_format.py", "tests/test_qlora.py", "tests/test_layers.py", "tests/test_compile.py")
 
 OPTIONAL_PACKAGES = ("triton", "pytest", "xdist", "peft", "matplotlib", "bitsandbytes", "transformers")
-NEEDS = {"peft": ("peft", "peft-nf4"), "bitsandbytes": ("peft-nf4",)}  # package -> providers that need it
+NEEDS = {"peft": ("peft", "peft-nf4", "peft-dora", "peft-dora-nf4"),  # package -> providers that need it
+         "bitsandbytes": ("peft-nf4", "peft-dora-nf4")}
 
 KERNELS = ("_lora_down_kernel", "_lora_linear_fwd_kernel", "_lora_grad_out_kernel", "_lora_dgrad_kernel",
            "_lora_grad_a_kernel", "_nf4_dequant_kernel")
@@ -122,9 +124,12 @@ class Group:
         return f"{s.label} {s.dtype_name} r={s.r} p={s.p:g}"
 
 
+DORA_PROVIDERS = ("fused-dora", "peft-dora")  # in the 4096 x 4096 bench groups
+
+
 def bench_groups() -> List[Group]:
     bf16 = torch.bfloat16
-    return [Group(Shape(8192, K, N, 16, p, bf16), ("fused", "peft", "base"))
+    return [Group(Shape(8192, K, N, 16, p, bf16), ("fused", "peft", "base") + (DORA_PROVIDERS if N == 4096 else ()))
             for K, N in ((4096, 4096), (4096, 11008)) for p in (0.1, 0.0)]
 
 
@@ -561,6 +566,8 @@ _GOALS = [
      "fused-nf4", "nf4-dequant", 512, 4096, 0.1, "full", 1.5),
     ("QLoRA 8192 tokens", "fused-nf4 at 8192 tokens: no slower than nf4-dequant",
      "fused-nf4", "nf4-dequant", 8192, 4096, 0.1, "full", 1.0),
+    ("DoRA vs LoRA", "8192x4096x4096 r=16 bf16 p=0 forward+backward: fused-dora within 1.15x of fused (LoRA)",
+     "fused-dora", "fused", 8192, 4096, 0.0, "full", -1.15),
 ]
 
 

@@ -45,6 +45,21 @@ def _set_adapters(lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
     lora_B.copy_(torch.randn(lora_B.shape[0], r, generator=g) / math.sqrt(r))
 
 
+@torch.no_grad()
+def _set_magnitude(magnitude: torch.Tensor, K: int, N: int, r: int, dtype) -> None:
+    """The same DoRA magnitude for every DoRA provider: ``||W + s B A||_row`` of the dense base weight and the
+    adapters of :func:`_set_adapters` (what the magnitude is at creation when B has these values), times a factor
+    in [0.9, 1.1] per feature, so that ``c = m / n`` differs from 1 and every DoRA term does work. Computed on the
+    CPU from the CPU weight (the same values on every device and for the NF4 providers)."""
+    W = _frozen_linear(K, N, dtype, "cpu").weight.float()
+    A, B = torch.empty(r, K), torch.empty(N, r)
+    _set_adapters(A, B)
+    scaling = 2.0  # lora_alpha / r, lora_alpha = 2 r in every provider
+    norm = torch.linalg.norm(W + scaling * B @ A, dim=1)
+    factor = 0.9 + 0.2 * torch.rand(N, generator=torch.Generator().manual_seed(2))
+    magnitude.copy_(norm * factor)
+
+
 def build_base(K, N, r, p, dtype, device):
     return _frozen_linear(K, N, dtype, device)
 
@@ -65,6 +80,36 @@ def build_peft(K, N, r, p, dtype, device):
     layer = PeftLinear(_frozen_linear(K, N, dtype, device), "default", cfg, r=r, lora_alpha=2 * r, lora_dropout=p)
     _set_adapters(layer.lora_A["default"].weight, layer.lora_B["default"].weight)
     return layer
+
+
+def build_fused_dora(K, N, r, p, dtype, device):
+    """``FusedLoraLinear(use_dora=True)``: PEFT's DoRA in one fused call (the weight norm from the cached
+    ``||W_i||^2`` and one thin product, the column scale as the GEMM's epilogue)."""
+    layer = FusedLoraLinear.from_linear(_frozen_linear(K, N, dtype, device), r=r, lora_alpha=2 * r, lora_dropout=p,
+                                        adapter_dtype=dtype, use_dora=True)
+    _set_adapters(layer.lora_A, layer.lora_B)
+    _set_magnitude(layer.lora_magnitude_vector, K, N, r, dtype)
+    return layer
+
+
+def build_peft_dora(K, N, r, p, dtype, device):
+    """PEFT's own DoRA layer (``lora.Linear`` with ``use_dora=True``: ``B @ A`` materialized for the norm every
+    call, and with dropout the base product taken a second time on ``dropout(x)``)."""
+    import peft
+    from peft.tuners.lora import Linear as PeftLinear
+
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, use_dora=True)
+    layer = PeftLinear(_frozen_linear(K, N, dtype, device), "default", cfg, r=r, lora_alpha=2 * r, lora_dropout=p)
+    _set_adapters(layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    _set_magnitude(layer.lora_magnitude_vector["default"].weight, K, N, r, dtype)
+    return layer
+
+
+def build_fused_dora_in_peft(K, N, r, p, dtype, device):
+    """``peft-dora`` accelerated by ``fused_lora.from_peft`` (what a PEFT DoRA user gets from the one-line switch)."""
+    import fused_lora
+
+    return fused_lora.from_peft(build_peft_dora(K, N, r, p, dtype, device))
 
 
 def build_fused_in_peft(K, N, r, p, dtype, device):
@@ -163,6 +208,21 @@ def build_nf4_dequantize(K, N, r, p, dtype, device):
     return layer
 
 
+def build_fused_dora_nf4(K, N, r, p, dtype, device):
+    """QDoRA: ``FusedLoraLinear(use_dora=True)`` on the NF4 base of ``fused-nf4`` (``||W_i||^2`` of the
+    dequantized weight cached)."""
+    if _bnb_available():
+        layer = FusedLoraLinear.from_bnb(_bnb_linear4bit(K, N, dtype, device), r=r, lora_alpha=2 * r,
+                                         lora_dropout=p, compute_dtype=dtype, adapter_dtype=dtype, use_dora=True)
+    else:
+        layer = FusedLoraLinear.from_linear(_frozen_linear(K, N, dtype, device), r=r, lora_alpha=2 * r,
+                                            lora_dropout=p, quantize="nf4", compute_dtype=dtype, adapter_dtype=dtype,
+                                            use_dora=True)
+    _set_adapters(layer.lora_A, layer.lora_B)
+    _set_magnitude(layer.lora_magnitude_vector, K, N, r, dtype)
+    return layer
+
+
 def build_peft_nf4(K, N, r, p, dtype, device):
     import peft
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
@@ -176,6 +236,22 @@ def build_peft_nf4(K, N, r, p, dtype, device):
     return layer
 
 
+def build_peft_dora_nf4(K, N, r, p, dtype, device):
+    """PEFT's QDoRA: ``lora.bnb.Linear4bit`` with ``use_dora=True`` (W dequantized by bitsandbytes for the norm
+    every call)."""
+    import peft
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, use_dora=True)
+    layer = PeftLinear4bit(_bnb_linear4bit(K, N, dtype, device), "default", config=cfg, r=r, lora_alpha=2 * r,
+                           lora_dropout=p)
+    for module in (layer.lora_A["default"], layer.lora_B["default"], layer.lora_magnitude_vector["default"]):
+        module.to(dtype)
+    _set_adapters(layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    _set_magnitude(layer.lora_magnitude_vector["default"].weight, K, N, r, dtype)
+    return layer
+
+
 PROVIDERS: Dict[str, Callable] = {
     "fused": build_fused,
     "peft": build_peft,
@@ -186,16 +262,21 @@ PROVIDERS: Dict[str, Callable] = {
     "fused-nf4": build_fused_nf4,
     "peft-nf4": build_peft_nf4,
     "nf4-dequant": build_nf4_dequantize,
+    "fused-dora": build_fused_dora,
+    "peft-dora": build_peft_dora,
+    "fused-dora-in-peft": build_fused_dora_in_peft,
+    "fused-dora-nf4": build_fused_dora_nf4,
+    "peft-dora-nf4": build_peft_dora_nf4,
 }
 
 
 @functools.lru_cache(maxsize=None)
 def available(provider: str) -> bool:
-    """Whether a provider's dependencies import here (peft; bitsandbytes for ``peft-nf4``)."""
+    """Whether a provider's dependencies import here (peft; bitsandbytes for ``peft-nf4`` and ``peft-dora-nf4``)."""
     try:
         if provider.startswith("peft") or provider.endswith("-peft"):
             import peft  # noqa: F401
-        if provider == "peft-nf4":
+        if provider.startswith("peft") and provider.endswith("-nf4"):
             import bitsandbytes  # noqa: F401
     except ImportError:
         return False

@@ -116,7 +116,7 @@ def table(measurements: List[Measurement]) -> str:
         by_key[_key(m)][m.case.provider] = m
 
     head = ["shape MxKxN", "dtype", "r", "p", "mode", "provider", "ms p50", "p20-p80", "TFLOP/s", "saved MiB",
-            "peak MiB", "vs peft", "vs base", "auto ran"]  # "vs peft": vs peft-nf4 for the NF4 rows
+            "peak MiB", "vs peft", "vs base", "auto ran"]  # "vs peft": vs the provider's peft_counterpart
     lines = [head]
     for key in sorted(by_key, key=lambda k: (k[1], int(k[0].split("x")[0]), k[0], k[2], k[3], k[4])):
         group = by_key[key]
@@ -139,12 +139,15 @@ def table(measurements: List[Measurement]) -> str:
     return "\n".join(out)
 
 
-_ORDER = ["fused", "fused-in-peft", "fused-nf4", "peft", "peft-nf4", "nf4-dequant", "naive", "naive+compile", "base"]
+_ORDER = ["fused", "fused-in-peft", "fused-nf4", "peft", "peft-nf4", "nf4-dequant", "fused-dora",
+          "fused-dora-in-peft", "fused-dora-nf4", "peft-dora", "peft-dora-nf4", "naive", "naive+compile", "base"]
 
 
 def peft_counterpart(provider: str) -> str:
-    """The PEFT provider a row is compared with: PEFT on bitsandbytes for the NF4 providers, plain PEFT otherwise."""
-    return "peft-nf4" if provider.endswith("-nf4") else "peft"
+    """The PEFT provider a row is compared with: PEFT's DoRA for the DoRA providers, PEFT on bitsandbytes for the
+    NF4 providers (both for QDoRA), plain PEFT otherwise."""
+    name = "peft-dora" if "dora" in provider else "peft"
+    return name + "-nf4" if provider.endswith("-nf4") else name
 
 
 def _provider_order(name: str) -> int:
@@ -207,8 +210,8 @@ def plot(measurements: List[Measurement], out_dir: str, device_label: str) -> Li
             ax.legend(fontsize=7)
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
-        what = ("forward+backward speed-up over PEFT (peft-nf4 for the NF4 rows), p50" if kind == "speedup"
-                else "activation memory saved for backward (parameters excluded)")
+        what = ("forward+backward speed-up over PEFT (its NF4 / DoRA counterpart for those rows), p50"
+                if kind == "speedup" else "activation memory saved for backward (parameters excluded)")
         fig.suptitle(f"{what}\n{device_label}", fontsize=10)
         fig.tight_layout()
         path = os.path.join(out_dir, "speedup_vs_tokens.png" if kind == "speedup" else "saved_memory_vs_tokens.png")

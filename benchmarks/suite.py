@@ -83,25 +83,29 @@ def useful_flops(shape: Shape, mode: str) -> float:
 
 DENSE = ("fused", "fused-in-peft", "peft", "naive", "naive+compile", "base")
 QLORA = ("fused-nf4", "peft-nf4", "base")
+DORA = ("fused-dora", "fused-dora-in-peft", "peft-dora")
+QDORA = ("fused-dora-nf4", "peft-dora-nf4")
 
 
 def cpu_default() -> List[Tuple[Shape, Tuple[str, ...], Tuple[str, ...]]]:
     """About 3 minutes on 2 cores: the goal shape (2048 tokens, 1024 x 1024, r = 16) in fp32 and bf16, plus 512
     tokens in fp32 for the token axis of the plots, and a QLoRA row (NF4 base, fp32 compute). PyTorch's bf16 GEMMs
     are very slow on CPUs without AVX512-BF16 (seconds per call), so bf16 runs only the goal providers and the full
-    mode; torch.compile (about 20 s per compilation here) only at the goal shape."""
+    mode; torch.compile (about 20 s per compilation here) only at the goal shape. DoRA (the DoRA goals: fused vs
+    PEFT's DoRA, forward+backward, fp32) at the goal shape, full mode only, in the same round-robin as LoRA's."""
     out = []
     for p in (0.0, 0.1):
         out.append((Shape(512, 1024, 1024, 16, p, torch.float32), ("fused", "fused-in-peft", "peft", "naive", "base"),
                     MODES))
         out.append((Shape(2048, 1024, 1024, 16, p, torch.float32), DENSE, MODES))
+        out.append((Shape(2048, 1024, 1024, 16, p, torch.float32), DORA, ("full",)))
         out.append((Shape(2048, 1024, 1024, 16, p, torch.bfloat16), ("fused", "peft", "base"), ("full",)))
     out.append((Shape(512, 1024, 1024, 16, 0.1, torch.float32), QLORA, MODES))
     return out
 
 
 def cpu_full() -> List[Tuple[Shape, Tuple[str, ...], Tuple[str, ...]]]:
-    everything = DENSE + QLORA[:2]
+    everything = DENSE + QLORA[:2] + DORA
     out = []
     for dtype in (torch.float32, torch.bfloat16):
         for tokens in (256, 512, 1024, 2048, 4096):
@@ -114,15 +118,19 @@ def cpu_full() -> List[Tuple[Shape, Tuple[str, ...], Tuple[str, ...]]]:
 def gpu_default() -> List[Tuple[Shape, Tuple[str, ...], Tuple[str, ...]]]:
     """The LLM shapes (bf16): 4096 x 4096, 4096 x 11008 and 8192 x 8192 at 512 to 16384 tokens, r = 16, p in
     {0, 0.1}; a rank sweep (8, 64) and torch.compile at the headline shape (8192 tokens, 4096 x 4096); QLoRA also at
-    16 and 128 tokens (decode-like, where dequantizing inside the GEMM pays off)."""
+    16 and 128 tokens (decode-like, where dequantizing inside the GEMM pays off). DoRA, dense and NF4 (QDoRA), at
+    4096 x 4096 for every token count."""
     bf16 = torch.bfloat16
     out = []
     for K, N in ((4096, 4096), (4096, 11008), (8192, 8192)):
         for tokens in (512, 2048, 8192, 16384):
             headline = (K, N, tokens) == (4096, 4096, 8192)
             providers = DENSE if headline else tuple(p for p in DENSE if p != "naive+compile")
+            if (K, N) == (4096, 4096):
+                providers += DORA
             for p in (0.0, 0.1):
-                out.append((Shape(tokens, K, N, 16, p, bf16), providers + QLORA[:2], MODES))
+                out.append((Shape(tokens, K, N, 16, p, bf16),
+                            providers + QLORA[:2] + (QDORA if (K, N) == (4096, 4096) else ()), MODES))
     for r in (8, 64):
         for p in (0.0, 0.1):
             out.append((Shape(8192, 4096, 4096, r, p, bf16), ("fused", "peft", "base"), MODES))

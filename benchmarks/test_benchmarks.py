@@ -47,3 +47,42 @@ def test_case(benchmark, case: suite.Case):
     )
     benchmark.pedantic(timed, warmup_rounds=1, rounds=3 if case.shape.dtype != torch.float32 else 10)
     runner.release()
+
+
+# The DoRA providers compute one function: at a tiny size their outputs and gradients agree (fp32; with dropout in
+# eval mode, where PEFT's DoRA ignores p -- in training the providers draw different masks). Not a benchmark: run
+# with ``pytest benchmarks/test_benchmarks.py -k agree`` (``--benchmark-only`` skips it).
+DORA_SETS = {"dense": ("fused-dora", "fused-dora-in-peft", "peft-dora"), "nf4": ("fused-dora-nf4", "peft-dora-nf4")}
+ROLES = ("lora_A", "lora_B", "magnitude")  # the trainable parameters, by a part of their names in every provider
+
+
+def _dora_run(module, shape: suite.Shape, train: bool):
+    module.train(train)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape.tokens, shape.in_features, generator=gen).to(DEVICE).requires_grad_(True)
+    g = torch.randn(shape.tokens, shape.out_features, generator=gen).to(DEVICE)
+    y = module(x)
+    y.backward(g)
+    out = {"y": y.detach(), "x": x.grad}
+    for name, param in module.named_parameters():
+        role = [r for r in ROLES if r in name]
+        if param.requires_grad and role:
+            out[role[0]] = param.grad
+    assert set(out) == {"y", "x", *ROLES}, sorted(out)
+    return out
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("kind", sorted(DORA_SETS))
+def test_dora_providers_agree(kind, p):
+    shape = suite.Shape(24, 64, 96, 4, p, torch.float32)  # in_features a multiple of NF4's blocksize
+    names = [name for name in DORA_SETS[kind] if suite.available(name)]
+    if len(names) < 2:
+        pytest.skip(f"fewer than two {kind} DoRA providers available here: {names}")
+    results = {name: _dora_run(suite.build(name, shape, DEVICE), shape, train=p == 0) for name in names}
+    ref = results[names[-1]]  # PEFT's (or the last one available)
+    for name in names[:-1]:
+        for key, value in ref.items():
+            # fp32: summation order only (tests/helpers.py FP32_RTOL); a wrong norm, scale or mask is off by far more
+            err = (results[name][key].double() - value.double()).abs().max().item()
+            assert err <= 2e-5 * value.abs().max().item(), f"{name} vs {names[-1]}, {key}: {err:.3e}"

@@ -103,8 +103,10 @@ def test_plan_shapes_and_budgets():
     bench = {(g.shape.tokens, g.shape.in_features, g.shape.out_features, g.shape.r, g.shape.p, g.shape.dtype):
              (g.providers, g.modes) for g in plan.bench}
     for N in (4096, 11008):
+        dora = ("fused-dora", "peft-dora") if N == 4096 else ()  # DoRA next to LoRA: its goal compares the two
         for p in (0.0, 0.1):
-            assert bench[(8192, 4096, N, 16, p, bf16)] == (("fused", "peft", "base"), ("forward", "backward", "full"))
+            assert bench[(8192, 4096, N, 16, p, bf16)] == (("fused", "peft", "base") + dora,
+                                                           ("forward", "backward", "full"))
     assert plan.bench[0].shape == Shape(8192, 4096, 4096, 16, 0.1, bf16)  # the headline first
     assert [g.shape.tokens for g in plan.qlora] == [16, 512, 8192]
     assert all(g.providers == ("fused-nf4", "nf4-dequant", "base") and g.shape.dtype == bf16 for g in plan.qlora)
@@ -153,7 +155,8 @@ class FakeClock:
         return self.now
 
 
-TIMES_MS = {"fused": 1.0, "peft": 2.0, "base": 0.9, "fused-nf4": 1.0, "nf4-dequant": 1.2}
+TIMES_MS = {"fused": 1.0, "peft": 2.0, "base": 0.9, "fused-nf4": 1.0, "nf4-dequant": 1.2, "fused-dora": 1.1,
+            "peft-dora": 2.4}
 
 
 def _fake_runners(clock, tests_rows=None, tests_advance=0.0, group_advance=1.0, kernel_advance=1.0, calls=None):
@@ -226,7 +229,8 @@ def test_writes_one_folder_with_the_documented_files(tmp_path):
     with open(tmp_path / "benchmarks.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["device"] for r in rows} == {"Fake GPU (0 SMs)"}
-    assert len([r for r in rows if r["metric"] == "time_ms"]) == 7 * 9
+    # bench: 2 groups of 5 providers (DoRA at 4096 x 4096) and 2 of 3; qlora: 3 of 3; 3 modes each
+    assert len([r for r in rows if r["metric"] == "time_ms"]) == (2 * 5 + 2 * 3 + 3 * 3) * 3
     with open(tmp_path / "kernels.csv") as f:
         krows = list(csv.DictReader(f))
     assert len(krows) == 2 * 2 * len(gpu_check.KERNELS)
@@ -239,6 +243,8 @@ def test_writes_one_folder_with_the_documented_files(tmp_path):
     assert "[met] 8192x4096x4096 r=16 bf16 p=0.1 forward+backward: fused >= 1.5x faster than peft: 2.00x" in summary
     assert "[NOT MET] 8192x4096x4096 r=16 bf16 p=0 forward: fused within 1.08x of base: 1.111x" in summary
     assert "[NOT MET] fused-nf4 at 16 tokens" in summary and "[met] fused-nf4 at 8192 tokens" in summary
+    assert "[met] 8192x4096x4096 r=16 bf16 p=0 forward+backward: fused-dora within 1.15x of fused (LoRA): 1.100x of " \
+           "fused" in summary
     assert "headline parity, Triton vs torch path at the autotuned configurations: ok" in summary
     assert "  | 3 tests: 1 passed" in log and "  | 3 tests" not in console
     written = [name for name in gpu_check.FILES.values() if name in expected]
@@ -295,6 +301,7 @@ def test_missing_packages_are_reported_and_their_parts_skipped(tmp_path):
     assert rc == 0
     assert all("peft" not in g.providers for g in calls["groups"])
     assert "bench: provider peft skipped: peft does not import (ModuleNotFoundError" in log
+    assert "bench: provider peft-dora skipped: peft does not import" in log
     assert "no plot: matplotlib does not import" in log
     assert "pytest-xdist missing: the tests run in one process" in log
     assert "-n" not in calls["pytest"][0]

@@ -270,31 +270,56 @@ def dora_forward(
     scale: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, xa, z)`` of the DoRA linear on 2-D x: ``xa = D(x) A^T``, ``z = D(x) W^T + s xa B^T`` and
-    ``y = (x W^T + s xa B^T) + (c - 1) * z + b`` (with D = identity: ``y = c * z + b``)."""
+    ``y = (x W^T + s xa B^T) + (c - 1) * z + b`` (with D = identity: ``y = c * z + b``).
+
+    On CPU every new ``[M, N]`` tensor costs its first touch, as much as a pass over it: the epilogues run in place
+    (``addmm_``, ``addcmul_``) on the two outputs, and the only other big tensor is the dropout's masked x."""
     dtype, cdt = x.dtype, compute_dtype(x)
     edt = torch.promote_types(cdt, scale.dtype)
     ce = scale.to(edt)
     xc, wc = x.to(cdt), dense_weight(weight, dtype).to(cdt)
     ac, bt = _rounded(lora_A, dtype, cdt), _transposed(_rounded(lora_B, dtype, cdt))
-    base = F.linear(xc, wc)
     if dropout is None:
         xa = F.linear(xc, ac).to(dtype)
-        z = base.addmm_(xa.to(cdt), bt, alpha=scaling)
-        if bias is not None:  # y = c * z + b in one pass (a new tensor: z is returned too)
-            return torch.addcmul(bias.to(edt), z.to(edt), ce).to(dtype), xa, z.to(dtype)
-        y = z.to(edt) * ce
+        z = F.linear(xc, wc).addmm_(xa.to(cdt), bt, alpha=scaling)
+        ze = z.to(edt)
+        y = ze * ce if bias is None else torch.addcmul(bias.to(edt), ze, ce)  # a new tensor: z is returned too
+        return y.to(dtype), xa, z.to(dtype)
+    # the bias joins the base GEMM where the epilogue runs in the compute dtype, else the fp32 epilogue
+    y = F.linear(xc, wc, bias.to(cdt) if bias is not None and edt == cdt else None)
+    m_rows, k = x.shape
+    xm = dropout.keep_mask(m_rows, k, x.device, dtype=cdt).mul_(xc)  # keep * x: transient, never saved
+    z = torch.mm(xm, wc.t()).mul_(dropout.scale)  # D(x) W^T
+    xa = torch.mm(xm, ac.t()).mul_(dropout.scale).to(dtype)
+    del xm
+    xac = xa.to(cdt)
+    z.addmm_(xac, bt, alpha=scaling)
+    y.addmm_(xac, bt, alpha=scaling)
+    if edt == cdt:
+        y.addcmul_(z, ce - 1)
     else:
-        m_rows, k = x.shape
-        xm = dropout.keep_mask(m_rows, k, x.device, dtype=cdt).mul_(xc)  # keep * x: transient, never saved
-        z = torch.mm(xm, wc.t()).mul_(dropout.scale)  # D(x) W^T
-        xa = torch.mm(xm, ac.t()).mul_(dropout.scale).to(dtype)
-        del xm
-        lora = torch.mm(xa.to(cdt), bt).mul_(scaling)
-        z.add_(lora)
-        y = base.add_(lora).to(edt).add_(z.to(edt) * (ce - 1))
-    if bias is not None:
-        y.add_(bias.to(edt))
+        y = y.to(edt).addcmul_(z.to(edt), ce - 1)
+        if bias is not None:
+            y.add_(bias.to(edt))
     return y.to(dtype), xa, z.to(dtype)
+
+
+def _rows_scaled(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, cdt: torch.dtype) -> torch.Tensor:
+    """``scale[:, None] * t`` for an ``[N, *]`` W or B, computed in the scale's dtype and rounded to x's dtype
+    ``dtype`` (an operand of the products), in the compute dtype ``cdt``: ``(g * c) W = g (c * W)`` without an
+    ``[M, N]`` temporary."""
+    return (t.to(scale.dtype) * scale[:, None]).to(dtype).to(cdt)
+
+
+def _colsum_of_product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``sum_rows(a * b)`` in ``dtype``, over blocks of rows on CPU (no ``[M, N]`` temporary)."""
+    m, n = a.shape
+    rows = max(m, 1) if a.device.type != "cpu" else max(1, min(m, _MASK_BLOCK_BYTES // (8 * max(n, 1))))
+    out = torch.zeros(n, dtype=dtype, device=a.device)
+    for r0 in range(0, m, rows):
+        r1 = min(r0 + rows, m)
+        out += torch.mul(a[r0:r1].to(dtype), b[r0:r1].to(dtype)).sum(0)
+    return out
 
 
 def dora_backward(
@@ -311,36 +336,40 @@ def dora_backward(
     dropout: Optional[Dropout],
     needs: Tuple[bool, bool, bool, bool, bool],
 ) -> Tuple[Optional[torch.Tensor], ...]:
-    """Gradients ``(dx, dlora_A, dlora_B, dmagnitude, dbias)`` (``fused_lora.dora.DoraGrads`` order) for the inputs
-    flagged in ``needs``: dA / dB in the adapters' dtype, dmagnitude in the scale's dtype (fp32 or float64), dbias
-    in x's."""
+    """Gradients ``(dx, dlora_A, dlora_B, dmagnitude, dbias)`` (``fused_lora.functional.DoraGrads`` order) for the
+    inputs flagged in ``needs``: dA / dB in the adapters' dtype, dmagnitude in the scale's dtype (fp32 or float64),
+    dbias in x's.
+
+    ``g * c`` is never formed: it only enters products, ``(g * c) B = g (c * B)``, ``(g * c)^T xa = c * (g^T xa)``
+    and ``(g * c) W = g (c * W)`` (likewise ``g * (c - 1)``), where c scales the small B, an ``[N, r]`` result or
+    W -- the kernels scale g's tiles in registers instead (the same values up to where the one rounding to x's
+    dtype falls)."""
     need_dx, need_da, need_db, need_dm, need_dbias = needs
     dtype, cdt = x.dtype, compute_dtype(x)
     edt = torch.promote_types(cdt, scale.dtype)
     ce = scale.to(edt)
-    ge = grad_out.to(edt)
-    gc = (ge * ce).to(dtype).to(cdt)  # g * c, rounded to x's dtype as the kernels' in-register scaling is
+    g = grad_out.to(cdt)
     ac = _rounded(lora_A, dtype, cdt)
     dx = da = db = dm = dbias = None
 
     if need_dm:
-        dm = (ge * z.to(edt)).sum(0).div_(norm.to(edt)).to(scale.dtype)
+        dm = _colsum_of_product(grad_out, z, edt).div_(norm.to(edt)).to(scale.dtype)
     if need_dbias:
-        dbias = ge.sum(0).to(dtype)
-    if need_db:
-        db = _scaled_to(F.linear(xa.to(cdt).t(), gc.t()), scaling, lora_B.dtype).t().contiguous()
+        dbias = g.sum(0).to(dtype)
+    if need_db:  # (xa^T g)^T as in lora_backward, its columns scaled by c
+        db = _scaled_to(F.linear(xa.to(cdt).t(), g.t()).to(edt).mul_(ce), scaling, lora_B.dtype).t().contiguous()
     if need_dx or need_da:
-        gb = F.linear(gc, _transposed(_rounded(lora_B, dtype, cdt))).to(dtype).to(cdt)  # [M, r]
+        gb = F.linear(g, _transposed(_rows_scaled(lora_B, ce, dtype, cdt))).to(dtype).to(cdt)  # [M, r]
     wc = dense_weight(weight, dtype).to(cdt) if need_dx else None
     if dropout is None:
         if need_dx:
-            dx = torch.mm(gc, wc).addmm_(gb, ac, alpha=scaling).to(dtype)
+            dx = torch.mm(g, _rows_scaled(wc, ce, dtype, cdt)).addmm_(gb, ac, alpha=scaling).to(dtype)
         if need_da:
             da = _scaled_to(F.linear(gb.t(), x.to(cdt).t()), scaling, lora_A.dtype)
     elif need_dx or need_da:
         # dx = g W + D((g * (c - 1)) W + s gb A): the masked part over row blocks, as in lora_backward
-        inner = torch.mm((ge * (ce - 1)).to(dtype).to(cdt), wc) if need_dx else None
-        dx = torch.mm(grad_out.to(cdt), wc) if need_dx else None
+        inner = torch.mm(g, _rows_scaled(wc, ce - 1, dtype, cdt)) if need_dx else None
+        dx = torch.mm(g, wc) if need_dx else None
         da = _masked_lora_grads(dx, gb, ac, x.to(cdt), dropout, dropout.scale, need_da, gb_alpha=scaling,
                                 dx_inner=inner)
         del inner

@@ -139,3 +139,19 @@ def assert_rounding_flips_only(out: torch.Tensor, other: torch.Tensor, name: str
     assert worst <= 0, f"{name}: an element differs by more than rounding flips explain (by {worst:.3e} beyond)"
     unequal = int((diff > 0).sum())
     assert unequal <= max(1, out.numel() // 100), f"{name}: {unequal} of {out.numel()} elements differ"
+
+
+def adamw_losses(model, ids, steps: int = 3, after_first_step=None, lr: float = 1e-2):
+    """The losses of ``steps`` AdamW steps of a causal LM on ``input_ids = labels = ids`` (the trainable parameters
+    only); ``after_first_step()`` runs once, after the first step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for step in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        if step == 0 and after_first_step is not None:
+            after_first_step()
+    return losses

@@ -29,7 +29,7 @@ from fused_lora.dropout import Dropout
 from fused_lora.nf4 import quantize_nf4
 
 from conftest import DEVICE_BACKENDS
-from helpers import FP32_RTOL, HALF_EPS, assert_close_fp32, assert_three_way
+from helpers import FP32_RTOL, HALF_EPS, adamw_losses, assert_close_fp32, assert_three_way
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -611,16 +611,8 @@ def test_apply_lora_use_dora_trains_like_peft(llama):
     assert_close_fp32(logits(ours, ids), logits(theirs, ids), "logits")
     losses = []
     for model in (ours, theirs):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         model.train()
-        trace = []
-        for _ in range(3):
-            loss = model(input_ids=ids, labels=ids).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            trace.append(loss.item())
-        losses.append(trace)
+        losses.append(adamw_losses(model, ids))
     for step, (a, b) in enumerate(zip(*losses)):
         assert abs(a - b) <= FP32_RTOL * abs(b), (step, a, b)
     assert losses[0][-1] < losses[0][0]

@@ -31,7 +31,7 @@ from fused_lora import from_peft, fusion_summary, restore_peft, use_backend
 from fused_lora.dora import weight_row_norm_sq
 from fused_lora.dropout import Dropout
 
-from helpers import HALF_EPS, assert_close_fp32, assert_three_way
+from helpers import HALF_EPS, adamw_losses, assert_close_fp32, assert_three_way
 from test_peft_native import (CPU_BACKENDS, MLP, _bnb_mlp, assert_same_run, eager_bitsandbytes, exact,  # noqa: F401
                               peft_model, run)
 
@@ -275,25 +275,12 @@ def test_training_steps_move_m_and_the_cache_follows_the_base_weight(monkeypatch
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
     layer = ours.base_model.model.model.layers[0].self_attn.q_proj
 
-    def step_losses(model, after_first_step=lambda: None):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        losses = []
-        for _ in range(3):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-            after_first_step()
-            after_first_step = lambda: None  # noqa: E731
-        return losses
-
     m0 = layer.lora_magnitude_vector["default"].weight.detach().clone()
     first = []
-    ours_losses = step_losses(
-        ours, lambda: first.append(layer.__dict__[peft_native._DORA_ATTR].cache.get(layer.base_layer.weight)))
+    ours_losses = adamw_losses(
+        ours, ids, after_first_step=lambda: first.append(layer.__dict__[peft_native._DORA_ATTR].cache.get(layer.base_layer.weight)))
     cached = first[0]
-    theirs_losses = step_losses(theirs)
+    theirs_losses = adamw_losses(theirs, ids)
     assert calls.n == 3 * 7
     for a, b in zip(ours_losses, theirs_losses):
         assert abs(a - b) <= 2e-5 * abs(b), (ours_losses, theirs_losses)

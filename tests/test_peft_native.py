@@ -23,7 +23,7 @@ import fused_lora.peft_native as peft_native
 from fused_lora import from_peft, fusion_summary, restore_peft, use_backend
 
 from conftest import DEVICE_BACKENDS
-from helpers import HALF_EPS, assert_close_fp32, assert_three_way
+from helpers import HALF_EPS, adamw_losses, assert_close_fp32, assert_three_way
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -163,18 +163,7 @@ def test_llama_parity_and_training(monkeypatch):
     calls = FusedCalls(monkeypatch)
     ids = torch.randint(0, 64, (2, 9))
 
-    def step_losses(model):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        losses = []
-        for _ in range(3):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        return losses
-
-    ours_losses, theirs_losses = step_losses(ours), step_losses(theirs)
+    ours_losses, theirs_losses = adamw_losses(ours, ids), adamw_losses(theirs, ids)
     assert calls.n == 3 * 14  # 7 linear layers x 2 decoder layers, every step
     for a, b in zip(ours_losses, theirs_losses):
         assert abs(a - b) <= 2e-5 * abs(b), (ours_losses, theirs_losses)

@@ -253,6 +253,7 @@ def _kernel_case_inputs(dtype, adapter_dtype, device, base, m=40, k=72, n=48, r=
                                                                                                      device=device)
 
 
+@pytest.mark.gpu_check
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dtype,adapter_dtype,p,base,deterministic", KERNEL_CASES)
 def test_triton_matches_torch_path_and_reference(device, dtype, adapter_dtype, p, base, deterministic, monkeypatch):

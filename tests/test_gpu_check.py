@@ -26,6 +26,7 @@ from benchmarks.suite import Case, Measurement, Shape  # noqa: E402
 # The intended selection: the test functions whose CUDA parametrizations `make gpu-check` runs.
 EXPECTED = {
     "tests/test_compile.py::test_fullgraph_compile_matches_eager",
+    "tests/test_dora.py::test_triton_matches_torch_path_and_reference",
     "tests/test_dropout.py::test_kept_values_scaled_and_dropped_values_zero",
     "tests/test_dropout.py::test_triton_mask_bits_equal_torch_mask",
     "tests/test_functional.py::test_fp32_matches_float64_reference",

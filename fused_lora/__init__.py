@@ -2,14 +2,15 @@
 
 Public API::
 
-    fused_lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, training=True, seed=None)
+    fused_lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, training=True, seed=None,
+                      *, magnitude=None, weight_norm_sq=None)          (magnitude: DoRA)
     FusedLoraLinear(in_features, out_features, r=8, lora_alpha=16, lora_dropout=0.0, bias=True, use_rslora=False,
-                    device=None, dtype=None, adapter_dtype=None)
+                    device=None, dtype=None, adapter_dtype=None, use_dora=False)
     FusedLoraLinear.from_linear(linear, r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=False,
-                                quantize=None | "nf4", compute_dtype=None, adapter_dtype=None)
+                                quantize=None | "nf4", compute_dtype=None, adapter_dtype=None, use_dora=False)
     FusedLoraLinear.from_bnb(linear4bit, r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=False, compute_dtype=None,
-                             adapter_dtype=None)
-    (adapter_dtype=None: PEFT's default, fp32 adapters over fp16 / bf16 math; apply_lora takes it too)
+                             adapter_dtype=None, use_dora=False)
+    (adapter_dtype=None: PEFT's default, fp32 adapters over fp16 / bf16 math; apply_lora takes it, and use_dora, too)
     quantize_nf4(weight, blocksize=64, double_quant=True) -> NF4Weight
     apply_lora(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=False, quantize=None,
                ..., adapter_dtype=None)

@@ -506,9 +506,11 @@ def fused_lora_linear(
         magnitude: DoRA's trainable magnitude m ``[out_features]`` (PEFT's ``lora_magnitude_vector``), any floating
             dtype: then ``y = x W^T + b + (c - 1) * (D(x) W^T) + c * scaling * D(x) A^T B^T`` with
             ``c = m / ||W + scaling B A||_row`` (the norm detached; with D = identity, ``y = c * (x W^T + scaling
-            x A^T B^T) + b``). W must be frozen. Details: :class:`FusedDoraFunction`.
+            x A^T B^T) + b``). W must be frozen. A zero row of ``W + scaling B A`` (``in_features = 0`` too) has
+            ``n = 0`` and gives ``c = m / 0``, as in PEFT. Details: :class:`FusedDoraFunction`.
         weight_norm_sq: DoRA only: the cached ``||W_i||^2`` of the frozen W (``fused_lora.dora.WeightNormCache``;
-            for an NF4 W, of W dequantized to x's dtype), fp32 ``[out_features]``; computed when None.
+            for an NF4 W, of W dequantized to x's dtype), ``[out_features]`` in fp32 (float64 for a float64 W);
+            computed when None.
 
     Dtypes: x, a dense weight and bias share one dtype (float32, float16 or bfloat16; float64 on the torch backend).
     lora_A and lora_B share one floating dtype, which may differ from x's -- PEFT keeps fp32 adapters over bf16 /

@@ -167,7 +167,10 @@ class FusedLoraLinear(nn.Module):
 
     def reset_lora_parameters(self, init_magnitude: bool = True) -> None:
         """PEFT's default initialisation: A ~ kaiming-uniform(a=sqrt(5)), B = 0; then, for DoRA, the magnitude
-        (:meth:`reset_magnitude`, unless ``init_magnitude=False``)."""
+        (:meth:`reset_magnitude`, unless ``init_magnitude=False``). Refused on a merged layer (W holds the old
+        adapter's update, which unmerge() must take out first)."""
+        if getattr(self, "_merged", False):
+            raise RuntimeError("reset_lora_parameters(): the layer is merged; unmerge() first")
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
         if self.use_dora and init_magnitude:

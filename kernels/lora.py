@@ -837,6 +837,7 @@ def _forward(x, weight, lora_A, lora_B, bias, scaling, dropout, scale):
     )
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     dora = scale is not None
+    two_acc = dora and dropout is not None
     z = torch.empty((M, N), dtype=x.dtype, device=x.device) if dora else None
     w_args = _weight_args(weight, M, x.dtype)
     LINEAR_FWD(
@@ -849,8 +850,11 @@ def _forward(x, weight, lora_A, lora_B, bias, scaling, dropout, scale):
         stride_xam=xa.stride(0), stride_xar=xa.stride(1), stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
         stride_bias=bias.stride(0) if bias is not None else 0, stride_ym=y.stride(0), stride_yn=y.stride(1),
         stride_zm=z.stride(0) if dora else 0, stride_zn=z.stride(1) if dora else 0,
-        scaling=scaling, drop_key=drop["drop_key"], drop_threshold=drop["drop_threshold"], drop_scale=drop_scale,
-        HAS_BIAS=bias is not None, INPUT_PRECISION=prec, DORA=dora, HAS_DROPOUT=dora and dropout is not None,
+        # the mask only where the kernel uses it (DoRA with dropout): a varying key would also make Triton compile
+        # the kernel again whenever its value's divisibility changes
+        scaling=scaling, drop_scale=drop_scale,
+        drop_key=drop["drop_key"] if two_acc else 0, drop_threshold=drop["drop_threshold"] if two_acc else 0,
+        HAS_BIAS=bias is not None, INPUT_PRECISION=prec, DORA=dora, HAS_DROPOUT=two_acc,
         BLOCK_R=_seed_block_r(R, fp32_adapters, w_args["W_NF4"]),
     )
     return y, xa, z

@@ -183,6 +183,101 @@ def test_norm_near_cancellation_falls_back():
     other = [i for i in range(n) if i not in tiny]
     assert torch.equal(alone[other], n_sq[other])
 
+    # without a host-side branch (the GPU path, forced here): the identity in float64, the flagged rows recomputed
+    # among a bounded set chosen on the device -- no value read back to the host (each would wait for a GPU)
+    with _no_host_reads():
+        free = dora_row_norm_sq(wsq, w32, a32, b32, s, sync_free=True)
+    assert free.dtype == torch.float32
+    assert ((free.double() - exact).abs() / exact).max() < 1e-5
+    # and the float64 identity alone, with ||W_i||^2 in float64 (what weight_row_norm_sq gives off the CPU): good to
+    # far beyond fp32's fallback threshold (kappa ~ 1e8 here)
+    alone64 = dora_row_norm_sq(weight_row_norm_sq(w32.double()), w32, a32, b32, s, sync_free=True, fallback=False)
+    assert ((alone64.double() - exact).abs() / exact).max() < 1e-5
+
+
+class _no_host_reads:
+    """Inside: reading a tensor's value on the host (bool, item, tolist, nonzero) raises."""
+
+    _names = ("__bool__", "item", "tolist", "nonzero")
+
+    def __enter__(self):
+        self._saved = {name: getattr(torch.Tensor, name) for name in self._names}
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a host-side read of a tensor value")
+
+        for name in self._names:
+            setattr(torch.Tensor, name, refuse)
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def test_no_fallback_for_rows_that_do_not_cancel_at_high_rank():
+    """The estimate uses the computed ||s B_i A||: at r = 128, with ||s B A|| a third of ||W|| and no cancellation
+    (n_i >= ||W_i||), no row is sent to the fallback (the triangle bound sum_j |B_ij| ||A_j|| would flag them all at
+    K = 4096, whose threshold is kappa > 8)."""
+    gen = torch.Generator().manual_seed(8)
+    k, n, r = 4096, 64, 128
+    w = torch.randn(n, k, generator=gen) / k ** 0.5
+    a = torch.randn(r, k, generator=gen) / k ** 0.5
+    b = torch.randn(n, r, generator=gen) / r ** 0.5
+    s = 0.3 * (w.norm(dim=1) / (b @ a).norm(dim=1)).mean().item()
+    n_sq, rows = dora_row_norm_sq(weight_row_norm_sq(w), w, a, b, s, return_fallback_rows=True)
+    exact = torch.linalg.norm(w.double() + s * b.double() @ a.double(), dim=1) ** 2
+    assert not rows.any()
+    assert ((n_sq.double() - exact).abs() / exact).max() < 1e-5
+
+
+@pytest.mark.parametrize("k", [128, 96])  # 96: the NF4 blocks of 64 straddle rows, row blocks align to 2 rows
+def test_nf4_norms_by_row_blocks(k, monkeypatch):
+    """An NF4 W is dequantized block by block of rows for ||W_i||^2, W A^T and the fallback rows (never whole): the
+    same values as from the whole dequantized weight."""
+    import fused_lora.dora as dora
+    import fused_lora.nf4 as nf4
+    from fused_lora.nf4 import quantize_nf4
+
+    gen = torch.Generator().manual_seed(9)
+    n, r, s = 50, 4, 1.5
+    weight = quantize_nf4(torch.randn(n, k, generator=gen) / k ** 0.5, blocksize=64)
+    a = torch.randn(r, k, generator=gen) / k ** 0.5
+    b = torch.randn(n, r, generator=gen)
+    dense = weight.dequantize(torch.bfloat16)
+    monkeypatch.setitem(dora._BLOCK_BYTES, "cpu", 8 * k * 6)  # 6 rows per block
+    sizes = []
+    original = nf4.dequantize_operands
+
+    def recording(w, dtype):
+        sizes.append(w.shape[0])
+        return original(w, dtype)
+
+    monkeypatch.setattr(nf4, "dequantize_operands", recording)
+    wsq = weight_row_norm_sq(weight, torch.bfloat16)
+    assert torch.equal(wsq, weight_row_norm_sq(dense))
+    n_sq = dora_row_norm_sq(wsq, weight, a, b, s, dtype=torch.bfloat16)
+    assert torch.allclose(n_sq, dora_row_norm_sq(wsq, dense, a, b, s), rtol=1e-6, atol=0)
+    assert sizes and max(sizes) < n
+    idx = torch.tensor([0, 7, n - 1])
+    assert torch.equal(dora._Rows(weight, torch.bfloat16).gather(idx), dense[idx])  # the fallback's rows
+
+
+def test_weight_norm_cache_entries():
+    """One entry per device, read and written as one tuple: weights taking turns on a device are each recomputed,
+    never served the other's norm; an in-place change through the tensor is seen."""
+    from fused_lora.dora import WeightNormCache
+
+    cache = WeightNormCache()
+    w1, w2 = torch.randn(6, 5), torch.randn(6, 5)
+    for _ in range(3):
+        assert torch.equal(cache.get(w1), weight_row_norm_sq(w1))
+        assert torch.equal(cache.get(w2), weight_row_norm_sq(w2))
+    first = cache.get(w1)
+    assert cache.get(w1) is first
+    with torch.no_grad():
+        w1.mul_(2)
+    assert torch.equal(cache.get(w1), weight_row_norm_sq(w1))
+
 
 def test_saved_tensors_with_dropout():
     inp, grad = _inputs(torch.float32, seed=3)
@@ -234,13 +329,15 @@ KERNEL_CASES = [
     (torch.bfloat16, torch.bfloat16, 0.0, "dense", True),
     (torch.bfloat16, torch.float32, 0.3, "dense", False),
     (torch.bfloat16, torch.float32, 0.0, "nf4-in-loop", False),
+    (torch.float32, torch.float32, 0.3, "dense-r80", True),  # two rank tiles: dm's sums from one of them only
 ]
 
 
-def _kernel_case_inputs(dtype, adapter_dtype, device, base, m=40, k=72, n=48, r=5):
+def _kernel_case_inputs(dtype, adapter_dtype, device, base, m=40, k=72, n=48):
+    r = 80 if base.endswith("-r80") else 5
     inp, grad = _inputs(torch.float32, seed=7, m=m, k=k, n=n, r=r)
     weight = inp.pop("weight")
-    if base != "dense":
+    if not base.startswith("dense"):
         from fused_lora.nf4 import quantize_nf4
 
         weight = quantize_nf4(weight, blocksize=64).to(device)

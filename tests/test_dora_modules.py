@@ -485,6 +485,13 @@ def test_set_adapter_weights_on_a_merged_dora_layer():
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _cached(cache):
+    """The one cached ||W_i||^2 of a WeightNormCache (None when empty)."""
+    entries = list(cache._entries.values())
+    assert len(entries) <= 1
+    return entries[0][1] if entries else None
+
+
 def test_weight_norm_cache_follows_the_weight():
     """||W_i||^2 is computed once per weight and dropped by merge / unmerge, load_state_dict of a new base weight and
     module.to(dtype): the cache is empty after each (white box: a stale entry would fail here), and the outputs
@@ -499,28 +506,28 @@ def test_weight_norm_cache_follows_the_weight():
         return twin(x.to(layer.weight.dtype)).detach()
 
     ours(x)
-    assert cache._key is not None
-    value = cache._value
+    assert _cached(cache) is not None
+    value = _cached(cache)
     ours(x)
-    assert cache._value is value  # cached, not recomputed
+    assert _cached(cache) is value  # cached, not recomputed
 
     ours.merge()
-    assert cache._key is None
+    assert _cached(cache) is None
     ours.unmerge()
-    assert cache._key is None
+    assert _cached(cache) is None
     assert_close_fp32(ours(x).detach(), fresh_output(ours), "after merge / unmerge")
 
     other, _ = _dense_pair(32, 24, 4, torch.float32, seed=15)
     ours(x)
     ours.load_state_dict(other.state_dict())
-    assert cache._key is None
+    assert _cached(cache) is None
     assert_close_fp32(ours(x).detach(), other(x).detach(), "after load_state_dict")
 
     ours.to(torch.float64)
-    assert cache._key is None
+    assert _cached(cache) is None
     with use_backend("torch"):
         y64 = ours(x.double())
-    assert y64.dtype == torch.float64 and cache._value.dtype == torch.float64
+    assert y64.dtype == torch.float64 and _cached(cache).dtype == torch.float64
     assert_close_fp32(y64.detach(), other(x).detach(), "after .to(float64)")
 
 
@@ -745,3 +752,16 @@ def test_qdora_adapter_files_with_peft(bnb_cpu, tmp_path):
     save_adapter(ours, tmp_path / "ours")
     again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").train()
     assert_close_fp32(again(ids).detach(), expect, "logits, PEFT reading ours")
+
+
+def test_reset_on_a_merged_layer_is_refused_before_anything_changes():
+    """reset_lora_parameters() on a merged layer raises first: A, B and m untouched, so unmerge() still restores W."""
+    ours, _ = _dense_pair(32, 24, 4, torch.float32, seed=21)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    ours.merge()
+    with pytest.raises(RuntimeError, match="merged"):
+        ours.reset_lora_parameters()
+    for name in ("lora_A", "lora_B", MAG):
+        assert torch.equal(getattr(ours, name), before[name]), name
+    ours.unmerge()
+    assert_close_fp32(ours.weight, before["base.weight"], "W after unmerge")

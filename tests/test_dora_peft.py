@@ -384,7 +384,7 @@ def test_pickle_and_deepcopy_after_a_forward():
     for model in (loaded, copied):
         layer = model.base_model.model.up
         assert type(layer) is peft_native.FusedLinear
-        assert layer.__dict__[peft_native._DORA_ATTR].cache._value is None
+        assert not layer.__dict__[peft_native._DORA_ATTR].cache._entries
         with torch.no_grad():
             exact(model(x), y, "reloaded")
 

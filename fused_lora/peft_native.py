@@ -68,7 +68,7 @@ _PEFT_CLASSES = {
 }
 _FALLBACKS_ATTR = "_fused_lora_fallbacks"  # on a fused layer: {reason: number of calls PEFT's forward computed}
 _NAME_ATTR = "_fused_lora_name"  # on a fused layer: its name in the model given to from_peft (for messages)
-_DORA_ATTR = "_fused_lora_dora"  # on a fused DoRA layer: its _DoraNorms
+_DORA_ATTR = "_fused_lora_dora"  # on a fused DoRA layer: its WeightNormCache
 _warned_reasons: set = set()
 
 
@@ -355,31 +355,12 @@ def _nf4_view(layer: nn.Module, base: nn.Module) -> NF4Weight:
     return cached[1]
 
 
-class _DoraNorms:
-    """A fused DoRA layer's cached ``||W_i||^2`` of its frozen base weight (:class:`WeightNormCache`: recomputed
-    when the weight object, storage, version or dtype changes; dropped by merge / unmerge), and for a Conv1D base
-    the ``[out, in]`` view of its ``[in, out]`` weight (one object while the weight's storage stays, so that the
-    cache recognises it). Pickled and deep-copied as empty: a copy computes its own."""
-
-    def __init__(self):
-        self.cache = WeightNormCache()
-        self._view_key = None
-        self._view: Optional[torch.Tensor] = None
-
-    def __reduce__(self):
-        return (_DoraNorms, ())
-
-    def transposed(self, weight: torch.Tensor) -> torch.Tensor:
-        key = (id(weight), weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
-        if self._view is None or self._view_key != key:
-            self._view_key, self._view = key, weight.t()
-        return self._view
-
-
-def _dora_norms(layer: nn.Module) -> _DoraNorms:
+def _dora_norms(layer: nn.Module) -> WeightNormCache:
+    """A fused DoRA layer's cached ``||W_i||^2`` of its frozen base weight (a Conv1D's ``[out, in]`` view is a new
+    view of the same weight every call, which the cache recognises; pickled and deep-copied as empty)."""
     norms = layer.__dict__.get(_DORA_ATTR)
     if norms is None:
-        norms = layer.__dict__[_DORA_ATTR] = _DoraNorms()
+        norms = layer.__dict__[_DORA_ATTR] = WeightNormCache()
     return norms
 
 
@@ -409,20 +390,13 @@ def _fused_forward(layer: nn.Module, adapter: str, kind: str, x: torch.Tensor) -
         bias = None if base.bias is None else base.bias.to(dtype)
         weight = _nf4_view(layer, base)
         extra = {} if not dora else dict(
-            magnitude=magnitude, weight_norm_sq=None if norms is None else norms.cache.get(weight, dtype))
+            magnitude=magnitude, weight_norm_sq=None if norms is None else norms.get(weight, dtype))
         y = fused_lora_linear(x.to(dtype), weight, A, B, scaling, bias=bias, dropout_p=p, training=training,
                               **extra)
         return y.to(x.dtype)
-    if not dora:
-        weight = base.weight.t() if kind == "conv1d" else base.weight
-        return fused_lora_linear(x, weight, A, B, scaling, bias=base.bias, dropout_p=p, training=training)
-    if norms is None:
-        weight, norm_sq = (base.weight.t() if kind == "conv1d" else base.weight), None
-    else:
-        weight = norms.transposed(base.weight) if kind == "conv1d" else base.weight
-        norm_sq = norms.cache.get(weight)
-    return fused_lora_linear(x, weight, A, B, scaling, bias=base.bias, dropout_p=p, training=training,
-                             magnitude=magnitude, weight_norm_sq=norm_sq)
+    weight = base.weight.t() if kind == "conv1d" else base.weight
+    extra = {} if not dora else dict(magnitude=magnitude, weight_norm_sq=None if norms is None else norms.get(weight))
+    return fused_lora_linear(x, weight, A, B, scaling, bias=base.bias, dropout_p=p, training=training, **extra)
 
 
 def _record_fallback(layer: nn.Module, reason: str) -> None:

@@ -247,7 +247,7 @@ def test_bitsandbytes_4bit_qdora_parity(monkeypatch, eager_bitsandbytes, backend
     assert_same_run(result, run(theirs, x, g), assert_close_fp32)
     assert layer.base_layer.weight is packed and torch.equal(packed, before)
     dense = bnb_dequantize(layer.base_layer)
-    cached = layer.__dict__[peft_native._DORA_ATTR].cache.get(peft_native._nf4_view(layer, layer.base_layer),
+    cached = layer.__dict__[peft_native._DORA_ATTR].get(peft_native._nf4_view(layer, layer.base_layer),
                                                               torch.float32)
     assert_close_fp32(cached, weight_row_norm_sq(dense), "||W_i||^2 of the dequantized weight")
 
@@ -278,7 +278,7 @@ def test_training_steps_move_m_and_the_cache_follows_the_base_weight(monkeypatch
     m0 = layer.lora_magnitude_vector["default"].weight.detach().clone()
     first = []
     ours_losses = adamw_losses(
-        ours, ids, after_first_step=lambda: first.append(layer.__dict__[peft_native._DORA_ATTR].cache.get(layer.base_layer.weight)))
+        ours, ids, after_first_step=lambda: first.append(layer.__dict__[peft_native._DORA_ATTR].get(layer.base_layer.weight)))
     cached = first[0]
     theirs_losses = adamw_losses(theirs, ids)
     assert calls.n == 3 * 7
@@ -286,7 +286,7 @@ def test_training_steps_move_m_and_the_cache_follows_the_base_weight(monkeypatch
         assert abs(a - b) <= 2e-5 * abs(b), (ours_losses, theirs_losses)
     assert (layer.lora_magnitude_vector["default"].weight - m0).abs().max() > 1e-3  # m trained
     norms = layer.__dict__[peft_native._DORA_ATTR]
-    assert norms.cache.get(layer.base_layer.weight) is cached  # not recomputed for adapter updates
+    assert norms.get(layer.base_layer.weight) is cached  # not recomputed for adapter updates
     assert torch.equal(cached, weight_row_norm_sq(layer.base_layer.weight))
     with torch.no_grad():
         assert_close_fp32(ours(ids).logits, theirs(ids).logits, "logits after training")
@@ -296,12 +296,12 @@ def test_training_steps_move_m_and_the_cache_follows_the_base_weight(monkeypatch
             model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.mul_(1.5)
     with torch.no_grad():
         assert_close_fp32(ours(ids).logits, theirs(ids).logits, "logits after an in-place edit of W")
-    fresh = norms.cache.get(layer.base_layer.weight)
+    fresh = norms.get(layer.base_layer.weight)
     assert fresh is not cached and torch.equal(fresh, weight_row_norm_sq(layer.base_layer.weight))
     ours.double(), theirs.double()  # new storage and dtype
     with torch.no_grad():
         assert_close_fp32(ours(ids).logits, theirs(ids).logits, "float64 logits")
-    assert norms.cache.get(layer.base_layer.weight).dtype == torch.float64
+    assert norms.get(layer.base_layer.weight).dtype == torch.float64
 
 
 # ------------------------------------------------------------------------------------------------ PEFT workflows
@@ -360,7 +360,7 @@ def test_merge_unmerge_and_merge_and_unload(monkeypatch):
         assert_close_fp32(ours(x), theirs(x), "after unmerge")
     assert calls.n == 2
     up = ours.base_model.model.up
-    assert torch.equal(up.__dict__[peft_native._DORA_ATTR].cache.get(up.base_layer.weight),
+    assert torch.equal(up.__dict__[peft_native._DORA_ATTR].get(up.base_layer.weight),
                        weight_row_norm_sq(up.base_layer.weight))  # of the unmerged weight
 
     merged, merged_twin = ours.merge_and_unload(), theirs.merge_and_unload()
@@ -384,7 +384,7 @@ def test_pickle_and_deepcopy_after_a_forward():
     for model in (loaded, copied):
         layer = model.base_model.model.up
         assert type(layer) is peft_native.FusedLinear
-        assert not layer.__dict__[peft_native._DORA_ATTR].cache._entries
+        assert not layer.__dict__[peft_native._DORA_ATTR]._entries
         with torch.no_grad():
             exact(model(x), y, "reloaded")
 

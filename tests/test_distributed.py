@@ -19,6 +19,7 @@ shows that the comparison detects a different mask.
 from __future__ import annotations
 
 import copy
+import gc
 import socket
 import time
 import warnings
@@ -153,6 +154,8 @@ def _fsdp2_worker(rank, port):
         ref_params = dict(ref.named_parameters())
         for name, p in model.named_parameters():
             assert_close_fp32(p.full_tensor().detach(), ref_params[name].detach(), f"rank {rank} FSDP2 param {name}")
+        del model, grads, p  # FSDP2's state holds the mesh's group: release it before the group goes (as DDP's)
+        gc.collect()
         _quiesce()
     finally:
         dist.destroy_process_group()
@@ -193,6 +196,8 @@ def _fsdp1_state_dict_worker(rank, port):
             assert torch.equal(state[key], value), key
         with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, full):
             wrapped.load_state_dict(state)
+        del wrapped, model  # FSDP's state holds the process group: release it before the group goes
+        gc.collect()
         _quiesce()
     finally:
         dist.destroy_process_group()

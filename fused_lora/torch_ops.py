@@ -316,9 +316,10 @@ def _colsum_of_product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> 
     m, n = a.shape
     rows = max(m, 1) if a.device.type != "cpu" else max(1, min(m, _MASK_BLOCK_BYTES // (8 * max(n, 1))))
     out = torch.zeros(n, dtype=dtype, device=a.device)
+    buf = torch.empty((min(rows, m), n), dtype=dtype, device=a.device)  # one block's products, reused
     for r0 in range(0, m, rows):
         r1 = min(r0 + rows, m)
-        out += torch.mul(a[r0:r1].to(dtype), b[r0:r1].to(dtype)).sum(0)
+        out += torch.mul(a[r0:r1].to(dtype), b[r0:r1].to(dtype), out=buf[: r1 - r0]).sum(0)
     return out
 
 

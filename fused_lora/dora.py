@@ -167,7 +167,8 @@ def _same_key(a, b) -> bool:
 
 
 def dora_weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                     weight_norm_sq: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                     weight_norm_sq: Optional[torch.Tensor] = None,
+                     dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``n = ||W + s B A||_row`` ``[out]`` in fp32 (float64 for float64 inputs), detached: DoRA's weight norm (what
     PEFT's ``get_weight_norm`` computes with an ``[out, in]`` temporary), by :func:`dora_row_norm_sq`. Used by
     merge and to initialise the magnitude (``m = n`` makes a new DoRA layer start as its base layer).
@@ -307,9 +308,6 @@ def dora_scale(weight, dtype: torch.dtype, lora_A: torch.Tensor, lora_B: torch.T
     fp32 (float64 when W, A, B or m is float64), from the values the GEMMs use: ``weight`` is a dense tensor or
     quantized operands (dequantized to ``dtype``, the activation dtype, block by block). ``weight_norm_sq``: the
     cached ``||W_i||^2`` (computed here when None). Detached: no gradient flows through n (PEFT's definition)."""
-    with torch.no_grad():
-        rows = _Rows(weight, dtype)
-        wsq = weight_row_norm_sq(rows) if weight_norm_sq is None else weight_norm_sq
-        ndt = norm_dtype(rows.dtype, lora_A, lora_B, magnitude)
-        n = dora_row_norm_sq(wsq, rows, lora_A, lora_B, scaling).clamp_min_(0).sqrt_().to(ndt)
-        return magnitude.detach().to(ndt) / n, n
+    n = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_norm_sq, dtype)
+    n = n.to(norm_dtype(n, magnitude))
+    return magnitude.detach().to(n.dtype) / n, n

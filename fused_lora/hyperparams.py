@@ -17,7 +17,7 @@ import torch
 
 from .layers import lora_scaling
 from .targets import pattern_value, patterns_for
-from .validation import check_adapter_dtype, check_alpha, check_dropout, check_rank
+from .validation import check_adapter_dtype, check_alpha, check_dropout, check_rank, check_use_dora
 
 __all__ = ["Hyperparams", "LayerHyperparams"]
 
@@ -80,8 +80,7 @@ class Hyperparams:
         if check_patterns:
             for key, value in (alpha_pattern or {}).items():
                 check_alpha(value, f"alpha_pattern[{key!r}]", where)
-        if not isinstance(use_dora, bool):  # a JSON string "false" must not mean True
-            raise ValueError(f"{where}use_dora={use_dora!r} must be True or False")
+        check_use_dora(use_dora, where)
         return cls(r, lora_alpha, lora_dropout, bool(use_rslora), rank_pattern or {}, alpha_pattern or {},
                    check_adapter_dtype(adapter_dtype), use_dora)
 

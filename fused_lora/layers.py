@@ -14,7 +14,7 @@ from .base import BaseWeight, DenseBase, NF4Base
 from .dora import WeightNormCache, dora_weight_norm
 from .functional import fused_lora_linear
 from .nf4 import NF4Weight, bitsandbytes_classes, quantize_nf4
-from .validation import (adapter_dtype_for, check_alpha, check_compute_dtype, check_dropout, check_rank,
+from .validation import (adapter_dtype_for, check_alpha, check_compute_dtype, check_dropout, check_rank, check_use_dora,
                          quantized_math_dtype)
 
 
@@ -130,9 +130,7 @@ class FusedLoraLinear(nn.Module):
         self.lora_alpha = check_alpha(lora_alpha)
         self.lora_dropout = check_dropout(lora_dropout)
         self.use_rslora = bool(use_rslora)
-        if not isinstance(use_dora, bool):  # as validation.py refuses r=True: a bool, not a truthy value
-            raise ValueError(f"use_dora={use_dora!r} must be True or False")
-        self.use_dora = use_dora
+        self.use_dora = check_use_dora(use_dora)
         self.custom_scaling: Optional[float] = None
         self.in_features, self.out_features = base.in_features, base.out_features
         for t in base.parameters():  # frozen, once the arguments are known to be valid

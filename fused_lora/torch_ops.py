@@ -254,7 +254,7 @@ def lora_backward(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# DoRA (math and derivation: fused_lora.dora.FusedDoraFunction). ``scale`` is c = m / n ``[N]`` in fp32 (float64
+# DoRA (math and derivation: fused_lora.functional.FusedDoraFunction). ``scale`` is c = m / n ``[N]`` in fp32 (float64
 # for float64 inputs); the column epilogues run in the wider of it and the compute dtype.
 # ----------------------------------------------------------------------------------------------------------------
 

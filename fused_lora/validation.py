@@ -84,6 +84,14 @@ def quantized_math_dtype(compute_dtype: torch.dtype, x_dtype: torch.dtype) -> to
     return torch.promote_types(compute_dtype, x_dtype)
 
 
+def check_use_dora(value, where: str = "") -> bool:
+    """``use_dora``: True or False, not a truthy value (a JSON string "false" must not mean True; as ``r=True`` is
+    refused)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}use_dora={value!r} must be True or False")
+    return value
+
+
 def check_dropout(value, name: str = "lora_dropout", where: str = "") -> float:
     """A dropout probability: a real number in [0, 1) (p = 1 would drop everything and divide by zero). Returns it
     as a ``float``."""

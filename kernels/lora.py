@@ -595,7 +595,8 @@ for _role, _tables in (("fwd", _FWD_TILES), ("dgrad", _DGRAD_TILES)):
             _spills = _DORA_SPILLS[_role].get(_family + _suffix, set())
             _tables[_family + _suffix] = [
                 t for t in _tables[_family]
-                if (t.rows, t.cols, t.step) not in _spills and (_max_outputs is None or t.rows * t.cols <= _max_outputs)]
+                if (t.rows, t.cols, t.step) not in _spills
+                and (_max_outputs is None or t.rows * t.cols <= _max_outputs)]
 
 
 def _gemm_families(tables, role):

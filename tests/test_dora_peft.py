@@ -278,7 +278,8 @@ def test_training_steps_move_m_and_the_cache_follows_the_base_weight(monkeypatch
     m0 = layer.lora_magnitude_vector["default"].weight.detach().clone()
     first = []
     ours_losses = adamw_losses(
-        ours, ids, after_first_step=lambda: first.append(layer.__dict__[peft_native._DORA_ATTR].get(layer.base_layer.weight)))
+        ours, ids, after_first_step=lambda: first.append(
+            layer.__dict__[peft_native._DORA_ATTR].get(layer.base_layer.weight)))
     cached = first[0]
     theirs_losses = adamw_losses(theirs, ids)
     assert calls.n == 3 * 7
